@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine (Python 3.10+ with venv):
+#   make pipeline   set up .venv and run the whole DVC pipeline (dvc repro)
+#   make test       set up .venv and run Ruff and the tests
+# `make help` lists the rest.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup pipeline test test-slow lint format ui benchmark clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e . --group dev
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with the project and its dev tools
+
+pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
+	$(BIN)/dvc repro
+
+test: $(STAMP) ## Ruff (lint + format check) and the default test run
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+test-slow: $(STAMP) ## the slow tests too (full data: set MNIST_MIRROR)
+	$(BIN)/pytest -m "slow or not slow"
+
+lint: $(STAMP) ## Ruff lint
+	$(BIN)/ruff check .
+
+format: $(STAMP) ## Ruff: fix and format in place
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: $(STAMP) ## the MLflow UI on the local tracking store, http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+clean: ## remove the virtual environment and caches (data, models and runs stay)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,142 @@
+"""`mnist-pipeline`: one subcommand per pipeline stage (dvc.yaml and MLproject call these).
+
+    mnist-pipeline download
+    mnist-pipeline train --variant ffn1_relu [--epochs 1 --lr 0.05 ...]
+    mnist-pipeline evaluate --variant ffn1_relu
+    mnist-pipeline report
+    mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--csv out.csv]
+
+A user mistake ends with one line on stderr and a non-zero exit (2: bad input, 1: failure),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mnist_pipeline.errors import PipelineError
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params file (default: <project>/params.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("download", help="fetch and verify the data set chosen in params.yaml")
+
+    train = sub.add_parser("train", help="train one variant and record an MLflow run")
+    train.add_argument("--variant", required=True)
+    train.add_argument("--optimizer", help="override the recipe's optimizer (sgd, adam)")
+    train.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument("--epochs", type=int, help="override the recipe's epoch count")
+    _bool_flag(train, "shuffle", "override the recipe's shuffle")
+    _bool_flag(train, "use-dropout", "override the variant's dropout switch")
+    train.add_argument("--seed", type=int, help="override train.seed")
+    train.add_argument("--device", help="override train.device (auto, cpu, cuda, mps)")
+    train.add_argument("--val-size", type=int, help="override train.val_size")
+
+    evaluate = sub.add_parser("evaluate", help="score one variant's checkpoint on the test set")
+    evaluate.add_argument("--variant", required=True)
+
+    sub.add_parser("report", help="table and chart of every variant under reports/")
+
+    compare = sub.add_parser("compare", help="variant x host/device table from the tracking store")
+    compare.add_argument(
+        "--experiment", help="experiment name (default: the params.yaml data set's)"
+    )
+    compare.add_argument("--variants", help="comma-separated variant names to keep")
+    compare.add_argument("--hosts", help="comma-separated host labels to keep")
+    compare.add_argument(
+        "--all-runs", action="store_true", help="every run, not the latest per group"
+    )
+    compare.add_argument("--csv", type=Path, help="also write the table as CSV")
+    compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    compare.add_argument("--chart", type=Path, help="also write a PNG chart")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from mnist_pipeline.config import check_variant, load_params, with_overrides
+    from mnist_pipeline.paths import PARAMS_FILE, project_root
+
+    root = project_root()
+    params_path = args.params or root / PARAMS_FILE
+    params = load_params(params_path)
+
+    if args.command == "download":
+        from mnist_pipeline.dataset import download
+
+        download(params.data, root)
+    elif args.command == "train":
+        from mnist_pipeline.train import train
+
+        check_variant(args.variant)
+        params = with_overrides(
+            params,
+            args.variant,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            shuffle=args.shuffle,
+            use_dropout=args.use_dropout,
+            seed=args.seed,
+            device=args.device,
+            val_size=args.val_size,
+        )
+        train(params, args.variant, root)
+    elif args.command == "evaluate":
+        from mnist_pipeline.evaluate import evaluate
+
+        evaluate(params, check_variant(args.variant), root)
+    elif args.command == "report":
+        from mnist_pipeline.report import report
+
+        report(params, root)
+    elif args.command == "compare":
+        from mnist_pipeline.compare import compare
+
+        split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+        compare(
+            params,
+            root,
+            experiment=args.experiment,
+            variants=split(args.variants),
+            hosts=split(args.hosts),
+            latest_only=not args.all_runs,
+            csv_path=args.csv,
+            markdown_path=args.markdown,
+            chart_path=args.chart,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PipelineError as err:
+        print(f"mnist-pipeline {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"mnist-pipeline {args.command}: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+    except BaseException as err:
+        from mnist_pipeline.train import Terminated
+
+        if isinstance(err, Terminated):
+            print(f"mnist-pipeline {args.command}: terminated; nothing was saved", file=sys.stderr)
+            return 143
+        raise

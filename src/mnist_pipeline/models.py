@@ -1,0 +1,94 @@
+"""The model variants: a plain mapping from name to architecture, and one builder.
+
+Every model is a plain `torch.nn.Sequential` of stock layers, so a logged model unpickles on a
+host that has torch but not this package. Input: (N, 1, 28, 28) floats in [0, 1].
+
+To add a variant: add an entry to VARIANTS and a recipe under `variants:` in params.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Hidden layers as (width, activation) pairs, then a 10-way linear layer.
+
+    dropout: probability after each hidden activation (0 for none).
+    head: "logits" (train with cross-entropy) or "softmax" (the network outputs probabilities).
+    """
+
+    hidden: tuple[tuple[int, str], ...] = ()
+    dropout: float = 0.0
+    head: str = "logits"
+
+
+VARIANTS: dict[str, Architecture] = {
+    "logistic_regression": Architecture(),
+    "ffn1_sigmoid": Architecture(hidden=((100, "sigmoid"),)),
+    "ffn1_tanh": Architecture(hidden=((100, "tanh"),)),
+    "ffn1_relu": Architecture(hidden=((100, "relu"),)),
+    "ffn2_relu": Architecture(hidden=((100, "relu"),) * 2),
+    "ffn3_relu": Architecture(hidden=((100, "relu"),) * 3),
+    "mlp_tanh_sigmoid_softmax": Architecture(
+        hidden=((96, "tanh"), (256, "sigmoid")), dropout=0.2, head="softmax"
+    ),
+    "mlp_relu_dropout": Architecture(hidden=((96, "relu"), (256, "relu")), dropout=0.2),
+    "mlp512_relu": Architecture(hidden=((512, "relu"), (512, "relu"))),
+}
+
+NUM_CLASSES = 10
+INPUT_SHAPE = (1, 28, 28)
+
+
+def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
+    """Build `variant`. With use_dropout=False, dropout layers become identities (same params)."""
+    arch = VARIANTS[variant]
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = INPUT_SHAPE[1] * INPUT_SHAPE[2]
+    for out_features, activation in arch.hidden:
+        layers += [nn.Linear(width, out_features), ACTIVATIONS[activation]()]
+        if arch.dropout:
+            layers.append(nn.Dropout(arch.dropout) if use_dropout else nn.Identity())
+        width = out_features
+    layers.append(nn.Linear(width, NUM_CLASSES))
+    if arch.head == "softmax":
+        layers.append(nn.Softmax(dim=1))
+    return nn.Sequential(*layers)
+
+
+def logits_view(model: nn.Sequential) -> nn.Sequential:
+    """The part of `model` that outputs logits: all of it, or all but a final Softmax.
+
+    A probability head is trained on the negative log-likelihood of log(softmax(z)), and
+    log_softmax(z) computes that stably; cross-entropy on the probabilities would apply a second
+    softmax (the bug in the tutorial that defines mlp_tanh_sigmoid_softmax).
+    """
+    return model[:-1] if isinstance(model[-1], nn.Softmax) else model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary_text(model: nn.Module) -> str:
+    """The torchsummary table for `model` on a (1, 28, 28) input, as text (computed on CPU)."""
+    import contextlib
+    import copy
+    import io
+
+    from torchsummary import summary
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        summary(copy.deepcopy(model).cpu(), INPUT_SHAPE, device="cpu")
+    return buffer.getvalue()

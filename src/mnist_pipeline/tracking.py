@@ -1,0 +1,116 @@
+"""Where runs go and what describes the machine they ran on. Plain functions, called at the run's
+boundaries; `mlflow` itself is called directly by the stages."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
+
+HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite store at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def experiment_name(dataset: str) -> str:
+    return os.environ.get(EXPERIMENT_ENV) or f"mnist-pipeline-{dataset}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any work, if an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (auth or routing is MLflow's business)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
+            "MLFLOW_TRACKING_URI at a running one (unset it to use the local store)"
+        ) from None
+
+
+def ensure_experiment(name: str, root: Path) -> str:
+    """The id of experiment `name`, created if needed. On the local SQLite store, artifacts go to
+    <root>/mlartifacts whatever the working directory (MLflow would use ./mlruns)."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    uri = mlflow.get_tracking_uri()
+    location = default_artifact_location(root) if uri.startswith("sqlite:") else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another process created it between our lookup and create (parallel `dvc exp` jobs).
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def host_label() -> str:
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    commit = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+
+
+def run_tags(root: Path, variant: str, device_type: str, device_name: str) -> dict[str, str]:
+    import torch
+
+    tags = {
+        "variant": variant,
+        "host": host_label(),
+        "hostname": socket.gethostname(),
+        "device": device_type,
+        "device.name": device_name,
+        "cpu.model": cpu_model(),
+        "torch.version": torch.__version__,
+        "cuda.version": torch.version.cuda or "none",
+        "git.commit": git_commit(root),
+        "platform": platform.platform(),
+    }
+    if stage := os.environ.get("DVC_STAGE"):
+        tags["dvc.stage"] = stage
+    return tags

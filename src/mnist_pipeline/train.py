@@ -1,0 +1,394 @@
+"""Stage 2, `mnist-pipeline train --variant NAME`: train one variant, record one MLflow run.
+
+    mnist-pipeline train --variant mlp_relu_dropout            # the params.yaml recipe
+    mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05
+
+The data sits in memory as float tensors on the training device; a batch is an index slice, so an
+epoch costs about what a bare loop over those tensors costs. Per-epoch metrics come from a
+validation split held out of the training set with a fixed seed; the test set is evaluate's alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_pipeline import paths
+from mnist_pipeline.config import Params, Recipe
+from mnist_pipeline.dataset import Dataset, load_dataset
+from mnist_pipeline.errors import ConfigError, PipelineError
+from mnist_pipeline.fileio import write_atomic, write_json_atomic, write_text_atomic
+from mnist_pipeline.models import build_model, count_parameters, logits_view, summary_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "mnist-pipeline/checkpoint/1"
+HISTORY_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "train/accuracy",
+    "val/loss",
+    "val/accuracy",
+    "time/epoch_seconds",
+    "time/samples_per_second",
+)
+
+
+# --- device and data --------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise ConfigError(
+            f"train.device: 'cuda' requested but torch {torch.__version__} sees no CUDA device; "
+            "use device 'auto' or 'cpu'"
+        )
+    if name == "mps" and not mps:
+        raise ConfigError("train.device: 'mps' requested but Apple MPS is not available here")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    from mnist_pipeline.tracking import cpu_model
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "Apple MPS" if device.type == "mps" else cpu_model()
+
+
+def as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] on `device` (no normalisation)."""
+    return images.to(device).unsqueeze(1).float().div_(255)
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def train_val_split(data: Dataset, val_size: int, seed: int, device: torch.device):
+    """Hold out `val_size` training images, chosen by `seed`; training keeps the file order."""
+    n = len(data.train_labels)
+    if val_size >= n:
+        raise ConfigError(
+            f"train.val_size: {val_size} leaves nothing to train on ({n} training images); "
+            f"use a value below {n}, or 0 for no validation split"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:].sort().values
+    x, y = as_float(data.train_images, device), data.train_labels.to(device)
+    train = Split(x[train_idx.to(device)], y[train_idx.to(device)])
+    val = Split(x[val_idx.to(device)], y[val_idx.to(device)]) if val_size else None
+    return train, val
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.lr)
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr)
+
+
+def train_epoch(
+    model: nn.Sequential,
+    optimizer: torch.optim.Optimizer,
+    data: Split,
+    batch_size: int,
+    generator: torch.Generator | None,
+    progress=None,
+) -> tuple[float, float]:
+    """One pass over `data` (shuffled when a generator is given); the mean loss and accuracy.
+
+    The running sums stay on the device: no host synchronisation inside the epoch.
+    """
+    model.train()
+    net = logits_view(model)
+    n = len(data.y)
+    order = torch.randperm(n, generator=generator).to(data.x.device) if generator else None
+    losses, hits = [], []
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size]
+            xb, yb = data.x[idx], data.y[idx]
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        hits.append((logits.detach().argmax(1) == yb).sum())
+        if progress is not None:
+            progress.update(len(yb))
+    sizes = torch.tensor([min(batch_size, n - s) for s in range(0, n, batch_size)])
+    mean_loss = (torch.stack(losses).cpu() * sizes).sum() / n
+    return mean_loss.item(), torch.stack(hits).sum().item() / n
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Sequential, data: Split, chunk: int = 10_000) -> tuple[float, float]:
+    """Mean loss and accuracy of `model` on `data`, in eval mode."""
+    model.eval()
+    net = logits_view(model)
+    loss_sum = torch.zeros((), device=data.x.device)
+    correct = torch.zeros((), device=data.x.device, dtype=torch.long)
+    for start in range(0, len(data.y), chunk):
+        logits = net(data.x[start : start + chunk])
+        yb = data.y[start : start + chunk]
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    n = len(data.y)
+    return loss_sum.item() / n, correct.item() / n
+
+
+class Diverged(PipelineError):
+    pass
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so the run ends KILLED and no checkpoint is written."""
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra) -> None:
+    """Weights + what rebuilds the model; only tensors and plain values (weights_only loads it)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "variant": variant,
+        "recipe": dataclasses.asdict(recipe),
+        "state_dict": state,
+        **extra,
+    }
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    history: list[dict[str, float]]
+    checkpoint: Path
+    num_params: int
+
+
+def train(params: Params, variant: str, root: Path) -> TrainResult:
+    """Train `variant` with its recipe in `params`; checkpoint, metrics and one MLflow run."""
+    from mnist_pipeline import tracking
+
+    recipe = params.recipe(variant)
+    settings = params.train
+    device = resolve_device(settings.device)
+    uri = tracking.tracking_uri(root)
+    tracking.check_reachable(uri)
+    data = load_dataset(root, params.data.dataset)
+    train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
+
+    torch.manual_seed(settings.seed)
+    model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
+    optimizer = make_optimizer(recipe, model)
+    generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
+    num_params = count_parameters(model)
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.ensure_experiment(tracking.experiment_name(data.name), root)
+    # Under `mlflow run`, MLflow has started a run and exported its id: ours becomes its child.
+    parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    tags = tracking.run_tags(root, variant, device.type, device_name(device))
+    tags |= {"data.dataset": data.name, "data.checksum": data.checksum}
+    mlflow.set_system_metrics_sampling_interval(2)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=variant,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        log_system_metrics=True,
+    )
+    status = "FAILED"
+    try:
+        mlflow.log_params(
+            {
+                "variant": variant,
+                **dataclasses.asdict(recipe),
+                **dataclasses.asdict(settings),
+                "device_resolved": device.type,
+                "dataset": data.name,
+                "train_size": len(train_data.y),
+                "num_params": num_params,
+            }
+        )
+        mlflow.log_text(summary_text(model), "model_summary.txt")
+        with sigterm_as_exception():
+            history = _fit(model, optimizer, train_data, val_data, recipe, generator, variant)
+        _write_local_results(root, variant, model, recipe, history, num_params, data, run)
+        _log_model(model, device)
+        write_json_atomic(
+            paths.run_info_path(root, variant),
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": experiment_id,
+                "tracking_uri": uri,
+            },
+        )
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+    return TrainResult(run.info.run_id, history, paths.checkpoint_path(root, variant), num_params)
+
+
+def _fit(model, optimizer, train_data, val_data, recipe, generator, variant):
+    import mlflow
+
+    history = []
+    use_bar = sys.stderr.isatty()
+    for epoch in range(1, recipe.epochs + 1):
+        bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(train_data.y),
+                desc=f"{variant} {epoch}/{recipe.epochs}",
+                unit="img",
+                leave=False,
+                mininterval=0.5,
+            )
+        start = time.perf_counter()
+        loss, acc = train_epoch(model, optimizer, train_data, recipe.batch_size, generator, bar)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"{variant}: training loss became {loss} in epoch {epoch}; the recipe diverged. "
+                f"Try a lower learning rate than {recipe.lr} (variants.{variant}.lr)"
+            )
+        row = {
+            "train/loss": loss,
+            "train/accuracy": acc,
+            "time/epoch_seconds": seconds,
+            "time/samples_per_second": len(train_data.y) / seconds,
+        }
+        if val_data is not None:
+            row["val/loss"], row["val/accuracy"] = evaluate_split(model, val_data)
+        mlflow.log_metrics(row, step=epoch)
+        history.append({"epoch": epoch, **row})
+        val = (
+            f"val/loss {row['val/loss']:.4f} val/accuracy {row['val/accuracy']:.4f} "
+            if val_data is not None
+            else ""
+        )
+        print(
+            f"{variant} epoch {epoch}/{recipe.epochs}: train/loss {loss:.4f} "
+            f"train/accuracy {acc:.4f} {val}"
+            f"({seconds:.2f}s, {row['time/samples_per_second']:.0f} img/s)",
+            flush=True,
+        )
+    return history
+
+
+def _write_local_results(root, variant, model, recipe, history, num_params, data, run):
+    """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics)."""
+    import mlflow
+
+    save_checkpoint(
+        paths.checkpoint_path(root, variant),
+        model,
+        variant,
+        recipe,
+        dataset=data.name,
+        data_checksum=data.checksum,
+        num_params=num_params,
+        run_id=run.info.run_id,
+    )
+    lines = [",".join(HISTORY_COLUMNS)]
+    for row in history:
+        lines.append(",".join(f"{row[c]:.6g}" if c in row else "" for c in HISTORY_COLUMNS))
+    write_text_atomic(paths.history_path(root, variant), "\n".join(lines) + "\n")
+    seconds = [row["time/epoch_seconds"] for row in history]
+    final = history[-1]
+    summary = {
+        "params": num_params,
+        "epochs": len(history),
+        **{
+            k: final[k]
+            for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
+            if k in final
+        },
+        "time/train_seconds": sum(seconds),
+        "time/epoch_seconds": sorted(seconds)[len(seconds) // 2],
+        "time/samples_per_second": sorted(r["time/samples_per_second"] for r in history)[
+            len(history) // 2
+        ],
+    }
+    write_json_atomic(paths.train_metrics_path(root, variant), summary)
+    mlflow.log_metrics({"time/train_seconds": summary["time/train_seconds"]})
+
+
+def _log_model(model: nn.Sequential, device: torch.device) -> None:
+    """Log the model from CPU weights, with a signature and an input example."""
+    import copy
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        output = cpu_model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        cpu_model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )

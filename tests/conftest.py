@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny, learnable MNIST look-alike written as real IDX files, a mirror folder
+holding it gzip-compressed, and a throw-away project root with the real params shrunk to one
+short epoch per variant. No test needs the network or the real data set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mnist_pipeline.dataset import FILES, file_md5, gzip_file, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 600, 200
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class k lights a 6x6 patch at its own place, over noise: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        r, c = 3 + (k // 5) * 12, 2 + (k % 5) * 5
+        images[i, r : r + 6, c : c + 6] = 230
+    return images, labels
+
+
+def write_tiny_dataset(folder: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> None:
+    """The four IDX files, uncompressed, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_x, train_y = make_images(n_train, seed=1)
+    test_x, test_y = make_images(n_test, seed=2)
+    for name, array in zip(FILES, (train_x, train_y, test_x, test_y), strict=True):
+        write_idx(folder / name, array)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    folder: Path  # the four .gz files
+    raw: Path  # the same files, uncompressed
+    checksums: Path  # JSON {file: md5}, for MNIST_CHECKSUMS_FILE
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> Mirror:
+    base = tmp_path_factory.mktemp("mirror")
+    raw, folder = base / "raw", base / "gz"
+    write_tiny_dataset(raw)
+    folder.mkdir()
+    for name in FILES:
+        gzip_file(raw / name, folder / f"{name}.gz")
+    checksums = base / "checksums.json"
+    checksums.write_text(json.dumps({name: file_md5(raw / name) for name in FILES}))
+    return Mirror(folder=folder, raw=raw, checksums=checksums)
+
+
+def tiny_params(epochs: int = 1, val_size: int = 100) -> dict:
+    """The real params.yaml, every variant shrunk to `epochs` short epochs on CPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(device="cpu", val_size=val_size)
+    for recipe in params["variants"].values():
+        recipe["epochs"] = epochs
+    return params
+
+
+@pytest.fixture
+def tiny_env(monkeypatch, tiny_mirror: Mirror, tmp_path: Path) -> Path:
+    """A project root in tmp_path (params.yaml shrunk), the tiny mirror, a private MLflow store."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror.folder))
+    monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(tiny_mirror.checksums))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tiny_env: Path, tiny_mirror: Mirror) -> Path:
+    """tiny_env with the data already under data/mnist/."""
+    shutil.copytree(tiny_mirror.raw, tiny_env / "data" / "mnist")
+    return tiny_env
