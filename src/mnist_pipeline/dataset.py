@@ -20,15 +20,17 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 
 from mnist_pipeline.config import DataConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import atomic_path
 from mnist_pipeline.paths import data_dir
+
+if TYPE_CHECKING:  # the download stage never imports torch
+    import torch
 
 FILES = (
     "train-images-idx3-ubyte",
@@ -275,6 +277,8 @@ def read_idx(path: Path) -> torch.Tensor:
             f"{path}: holds {len(data) - offset} bytes of data, its header promises "
             f"{expected} (shape {dims}); the file is truncated or corrupt; {fix}"
         )
+    import torch
+
     array = np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
     return torch.from_numpy(array.copy())
 

@@ -9,14 +9,12 @@ To add a variant: add an entry to VARIANTS and a recipe under `variants:` in par
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is built: `download` and `report` skip it
+    from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-}
+ACTIVATIONS = ("relu", "sigmoid", "tanh")  # names of torch.nn layers, see build_model
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,14 @@ INPUT_SHAPE = (1, 28, 28)
 
 def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
     """Build `variant`. With use_dropout=False, dropout layers become identities (same params)."""
+    from torch import nn
+
+    activations = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
     arch = VARIANTS[variant]
     layers: list[nn.Module] = [nn.Flatten()]
     width = INPUT_SHAPE[1] * INPUT_SHAPE[2]
     for out_features, activation in arch.hidden:
-        layers += [nn.Linear(width, out_features), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, out_features), activations[activation]()]
         if arch.dropout:
             layers.append(nn.Dropout(arch.dropout) if use_dropout else nn.Identity())
         width = out_features
@@ -73,6 +74,8 @@ def logits_view(model: nn.Sequential) -> nn.Sequential:
     log_softmax(z) computes that stably; cross-entropy on the probabilities would apply a second
     softmax (the bug in the tutorial that defines mlp_tanh_sigmoid_softmax).
     """
+    from torch import nn
+
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model
 
 
