@@ -78,6 +78,7 @@ def tiny_env(monkeypatch, tiny_mirror: Mirror, tmp_path: Path) -> Path:
     monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror.folder))
     monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(tiny_mirror.checksums))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # runs here are short
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return root

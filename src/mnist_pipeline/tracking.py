@@ -18,9 +18,15 @@ HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on o
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 
 
+def store_root(root: Path) -> Path:
+    """Where the local tracking store lives: the project root. `dvc exp run --queue` runs stages
+    in a temporary copy of the repository and points DVC_ROOT at the real one: runs go there."""
+    return Path(os.environ.get("DVC_ROOT") or root)
+
+
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI if set, else the SQLite store at the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_root(root))
 
 
 def experiment_name(dataset: str) -> str:
@@ -52,7 +58,7 @@ def ensure_experiment(name: str, root: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     uri = mlflow.get_tracking_uri()
-    location = default_artifact_location(root) if uri.startswith("sqlite:") else None
+    location = default_artifact_location(store_root(root)) if uri.startswith("sqlite:") else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:

@@ -239,7 +239,8 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
     parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     tags = tracking.run_tags(root, variant, device.type, device_name(device))
     tags |= {"data.dataset": data.name, "data.checksum": data.checksum}
-    mlflow.set_system_metrics_sampling_interval(2)
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(2)  # MLflow's 10 s misses short runs
     mlflow.set_system_metrics_samples_before_logging(1)
     run = mlflow.start_run(
         experiment_id=experiment_id,

@@ -1,0 +1,207 @@
+"""The training stage: learning, determinism, the loss of each head, the checkpoint, and the
+complete MLflow run (in a real temporary SQLite store), parametrized over the variant table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist_pipeline import paths
+from mnist_pipeline.cli import main
+from mnist_pipeline.config import load_params
+from mnist_pipeline.models import VARIANTS, build_model, logits_view
+from mnist_pipeline.train import Split, evaluate_split, resolve_device, train, train_epoch
+from tests.conftest import make_images
+
+EPOCH_METRICS = (
+    "train/loss",
+    "train/accuracy",
+    "val/loss",
+    "val/accuracy",
+    "time/epoch_seconds",
+    "time/samples_per_second",
+)
+
+
+def tiny_split(n: int = 400, seed: int = 3) -> Split:
+    images, labels = make_images(n, seed)
+    x = torch.from_numpy(images).unsqueeze(1).float() / 255
+    return Split(x, torch.from_numpy(labels).long())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_lowers_the_loss(variant):
+    torch.manual_seed(0)
+    data = tiny_split()
+    model = build_model(variant)
+    lr = 0.5 if variant.startswith(("ffn", "logistic")) else 3e-3
+    cls = torch.optim.SGD if variant.startswith(("ffn", "logistic")) else torch.optim.Adam
+    optimizer = cls(model.parameters(), lr=lr)
+    before, _ = evaluate_split(model, data)
+    for _ in range(3):
+        train_epoch(model, optimizer, data, 32, torch.Generator().manual_seed(0))
+    after, _ = evaluate_split(model, data)
+    assert after < before
+
+
+def test_probability_head_trains_on_the_log_of_its_output():
+    """NLL of log(softmax output), computed stably as log_softmax of the logits."""
+    torch.manual_seed(0)
+    model = build_model("mlp_tanh_sigmoid_softmax").eval()
+    data = tiny_split(64)
+    nll_of_log_probs = F.nll_loss(torch.log(model(data.x)), data.y)
+    stable = F.cross_entropy(logits_view(model)(data.x), data.y)
+    double_softmax = F.cross_entropy(model(data.x), data.y)  # the tutorial's bug
+    assert torch.allclose(nll_of_log_probs, stable, atol=1e-5)
+    assert not torch.allclose(stable, double_softmax, atol=1e-3)
+
+
+def test_train_epoch_visits_every_sample_once_without_shuffle():
+    data = tiny_split(100)
+    model = build_model("logistic_regression")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), data, 32, None)
+    assert seen == [32, 32, 32, 4]
+
+
+def test_cuda_requested_without_a_gpu_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    from mnist_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cuda"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type in {"cpu", "mps"}
+
+
+def _runs(root):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+@pytest.mark.parametrize("variant", ["ffn1_relu", "mlp_tanh_sigmoid_softmax"])
+def test_one_complete_mlflow_run(tiny_data, variant):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    result = train(params, variant, root)
+
+    runs = _runs(root)
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == variant
+    # parameters: the recipe, the shared settings, the data and the size
+    recipe = params.variants[variant]
+    assert run.data.params["variant"] == variant
+    assert run.data.params["optimizer"] == recipe.optimizer
+    assert float(run.data.params["lr"]) == recipe.lr
+    assert run.data.params["batch_size"] == str(recipe.batch_size)
+    assert run.data.params["epochs"] == str(recipe.epochs)
+    assert run.data.params["val_size"] == "100"
+    assert run.data.params["num_params"] == str(
+        sum(p.numel() for p in build_model(variant).parameters())
+    )
+    # per-epoch metrics at steps 1..epochs
+    client = mlflow.MlflowClient()
+    for name in EPOCH_METRICS:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps == list(range(1, recipe.epochs + 1)), name
+    # tags: variant, host, device, versions, commit, data
+    tags = run.data.tags
+    for key in (
+        "variant",
+        "host",
+        "device",
+        "device.name",
+        "torch.version",
+        "cuda.version",
+        "git.commit",
+        "data.dataset",
+        "data.checksum",
+    ):
+        assert tags.get(key), key
+    assert tags["device"] == "cpu" and tags["data.dataset"] == "mnist"
+    # system metrics are MLflow's own
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    # the summary and the model
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model_summary.txt" in artifacts
+    summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
+    assert "Total params" in summary
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    for n in (1, 5):
+        out = np.asarray(model.predict(np.random.rand(n, 1, 28, 28).astype(np.float32)))
+        assert out.shape == (n, 10)
+    # the checkpoint, the run id beside it, the DVC metrics and plots files
+    ckpt = torch.load(paths.checkpoint_path(root, variant), weights_only=True)
+    assert ckpt["variant"] == variant and ckpt["recipe"]["lr"] == recipe.lr
+    info = json.loads(paths.run_info_path(root, variant).read_text())
+    assert info["run_id"] == result.run_id
+    summary_metrics = json.loads(paths.train_metrics_path(root, variant).read_text())
+    assert summary_metrics["epochs"] == recipe.epochs and "val/accuracy" in summary_metrics
+    header = paths.history_path(root, variant).read_text().splitlines()[0]
+    assert header.split(",") == ["epoch", *EPOCH_METRICS[:4], *EPOCH_METRICS[4:]]
+
+
+def test_same_seed_same_metrics(tiny_data):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    first = train(params, "mlp_relu_dropout", root).history
+    second = train(params, "mlp_relu_dropout", root).history
+    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in h]  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_logged_model_loads_without_this_package(tiny_data):
+    root = tiny_data
+    result = train(load_params(root / "params.yaml"), "mlp_relu_dropout", root)
+    code = f"""
+import sys, numpy as np, mlflow
+mlflow.set_tracking_uri("sqlite:///{root / "mlflow.db"}")
+model = mlflow.pyfunc.load_model("runs:/{result.run_id}/model")
+out = np.asarray(model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32)))
+assert out.shape == (3, 10), out.shape
+assert not any(m.startswith("mnist_pipeline") for m in sys.modules)
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_cli_overrides_the_recipe(tiny_data):
+    assert main(["train", "--variant", "ffn1_relu", "--epochs", "2", "--lr", "0.05"]) == 0
+    (run,) = _runs(tiny_data)
+    assert run.data.params["epochs"] == "2" and float(run.data.params["lr"]) == 0.05
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variant", "nope"], "unknown variant 'nope'; choose from: logistic_regression"),
+        (["--variant", "ffn1_relu", "--lr", "0"], "variants.ffn1_relu.lr: must be a positive"),
+        (["--variant", "ffn1_relu", "--lr", "-1"], "variants.ffn1_relu.lr: must be a positive"),
+        (["--variant", "ffn1_relu", "--epochs", "0"], "variants.ffn1_relu.epochs: must be at"),
+        (["--variant", "ffn1_relu", "--batch-size", "0"], "batch_size: must be at least 1"),
+        (["--variant", "ffn1_relu", "--optimizer", "rmsprop"], "'rmsprop' is not one of: sgd"),
+        (["--variant", "ffn1_relu", "--device", "tpu"], "train.device: 'tpu' is not one of"),
+        (["--variant", "ffn1_relu", "--use-dropout"], "unknown key 'use_dropout'"),
+    ],
+)
+def test_bad_recipe_is_one_line_exit_2_and_no_run(tiny_data, capsys, args, message):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tiny_data / "mlflow.db").exists()
+    assert not (tiny_data / "models").exists()
