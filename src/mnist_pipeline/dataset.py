@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable
@@ -71,6 +75,11 @@ def expected_checksums(dataset: str) -> dict[str, str]:
             raise PipelineError(
                 f"{CHECKSUMS_ENV}={path}: cannot read a JSON table: {err}"
             ) from None
+        if not isinstance(table, dict) or not all(isinstance(table.get(n), str) for n in FILES):
+            raise PipelineError(
+                f"{CHECKSUMS_ENV}={path}: expected a JSON object mapping each of "
+                f"{', '.join(FILES)} to its MD5"
+            )
         return {name: table[name] for name in FILES}
     return CHECKSUMS[dataset]
 
@@ -95,9 +104,21 @@ class MirrorFailure(Exception):
     """This mirror could not provide a valid copy of this file (the message says why)."""
 
 
+def _local_folder(mirror: str) -> Path | None:
+    """The folder a mirror names (a path or a file: URL), or None for a remote URL."""
+    if mirror.startswith("file:"):
+        # url2pathname undoes the percent-encoding (Path.as_uri() writes a space as %20);
+        # urlsplit drops a `localhost` host.
+        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
+    if "://" in mirror:
+        return None
+    return Path(mirror).expanduser()
+
+
 def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
     """Open `<mirror>/<name>` (a URL or a local folder); return the stream and its length."""
-    if "://" in mirror and not mirror.startswith("file://"):
+    folder = _local_folder(mirror)
+    if folder is None:
         url = mirror.rstrip("/") + "/" + name
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
         try:
@@ -107,9 +128,11 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise MirrorFailure(f"unreachable ({reason})") from None
+        except (http.client.HTTPException, ValueError) as err:
+            # a malformed URL (`http://host:port-typo/`) or a reply that is not HTTP
+            raise MirrorFailure(f"bad URL or reply ({type(err).__name__}: {err})") from None
         length = response.headers.get("Content-Length")
         return response, int(length) if length and length.isdigit() else None
-    folder = Path(mirror.removeprefix("file://")).expanduser()
     path = folder / name
     if not folder.is_dir():
         raise MirrorFailure("no such folder")
@@ -124,26 +147,33 @@ def _decompressed_chunks(raw: BinaryIO, progress: Callable[[int], None]) -> Iter
     Errors on truncated or corrupt gzip data and on HTML error pages served in place of data.
     """
 
-    class Counting:
-        def read(self, n: int = -1) -> bytes:
-            data = raw.read(n)
-            progress(len(data))
-            return data
+    def read() -> bytes:
+        data = raw.read(CHUNK)
+        progress(len(data))
+        return data
 
-    head = raw.read(2)
-    progress(len(head))
-    if head != b"\x1f\x8b":
-        if head.lstrip()[:1] == b"<":
+    # Sniff a whole first chunk, not two bytes: error pages may open with blank lines.
+    chunk = read()
+    if not chunk:
+        raise MirrorFailure("served an empty file")
+    if chunk[:2] != b"\x1f\x8b":
+        if chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
             raise MirrorFailure("served an HTML page, not the data")
-        yield head
-        while chunk := Counting().read(CHUNK):
+        while chunk:
             yield chunk
+            chunk = read()
         return
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    yield decompressor.decompress(head)
     try:
-        while chunk := Counting().read(CHUNK):
+        while chunk:
             yield decompressor.decompress(chunk)
+            if decompressor.eof and decompressor.unused_data:
+                # Concatenated gzip members are valid gzip (gunzip reads them all); the
+                # content goes on in the next member.
+                chunk = decompressor.unused_data
+                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                chunk = read()
         yield decompressor.flush()
     except zlib.error as err:
         raise MirrorFailure(f"corrupt gzip data ({err})") from None
@@ -153,13 +183,13 @@ def _decompressed_chunks(raw: BinaryIO, progress: Callable[[int], None]) -> Iter
 
 def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
     """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
-    stream, length = _open_source(mirror, name + ".gz")
     bar = None
-    if show_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False)
     try:
+        stream, length = _open_source(mirror, name + ".gz")
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False)
         with stream, atomic_path(target) as tmp:
             digest = hashlib.md5()
             with tmp.open("wb") as out:
@@ -174,8 +204,9 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar
                     "(corrupt file or wrong data set)"
                 )
             _check_idx_header(tmp, name)
-    except OSError as err:
-        raise MirrorFailure(f"read failed ({err})") from None
+    except (OSError, http.client.HTTPException) as err:
+        # HTTPException: IncompleteRead when a chunked reply is cut off
+        raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
     finally:
         if bar:
             bar.close()
@@ -242,44 +273,61 @@ def _rel(path: Path, root: Path) -> str:
 # --- IDX loading ------------------------------------------------------------------------------
 
 _IDX_UBYTE = 0x08
+_MAX_HEADER = 4 + 4 * 255  # the rank is one byte
+_FIX = "re-run `mnist-pipeline download`"
+
+
+class _BadIdx(Exception):
+    """A malformed IDX file; the loader adds how to fix it, the download names the mirror."""
 
 
 def _parse_header(header: bytes, name: str) -> tuple[int, ...]:
-    fix = "re-run `mnist-pipeline download`"
+    """The dimensions in an IDX header (`header` may run on into the data)."""
     if len(header) < 4 or header[0:2] != b"\x00\x00" or header[2] != _IDX_UBYTE:
-        raise PipelineError(f"{name}: not an IDX file of unsigned bytes (bad magic number); {fix}")
+        raise _BadIdx(f"{name}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = header[3]
     if len(header) < 4 + 4 * ndim:
-        raise PipelineError(f"{name}: IDX header is truncated; {fix}")
+        raise _BadIdx(f"{name}: IDX header is truncated")
     return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
 
 
+def _check_size(dims: tuple[int, ...], size: int, name: str) -> None:
+    """The file holds exactly the header and the items its dimensions promise."""
+    expected = math.prod(dims)  # exact: numpy's int64 product can overflow on a garbage header
+    held = size - (4 + 4 * len(dims))
+    if held != expected:
+        raise _BadIdx(
+            f"{name}: holds {held} bytes of data, its IDX header promises {expected} "
+            f"(shape {dims}); the file is truncated or corrupt"
+        )
+
+
 def _check_idx_header(path: Path, name: str) -> None:
+    """Magic, rank (the `idx3` in the name) and size: what a custom MD5 table cannot vouch for."""
     with path.open("rb") as f:
-        header = f.read(4 + 4 * 3)
+        header = f.read(_MAX_HEADER)
     try:
-        _parse_header(header, name)
-    except PipelineError as err:
+        dims = _parse_header(header, name)
+        if (rank := re.search(r"-idx(\d)-", name)) and len(dims) != int(rank[1]):
+            raise _BadIdx(f"{name}: IDX header has rank {len(dims)}, expected {rank[1]}")
+        _check_size(dims, path.stat().st_size, name)
+    except _BadIdx as err:
         raise MirrorFailure(str(err)) from None
 
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file of unsigned bytes into a uint8 tensor, checking magic and size."""
-    fix = "re-run `mnist-pipeline download`"
     if not path.is_file():
-        raise PipelineError(f"{path}: missing; {fix}")
+        raise PipelineError(f"{path}: missing; {_FIX}")
     data = path.read_bytes()
-    dims = _parse_header(data[:16], str(path))
-    offset = 4 + 4 * len(dims)
-    expected = int(np.prod(dims)) if dims else 0
-    if len(data) - offset != expected:
-        raise PipelineError(
-            f"{path}: holds {len(data) - offset} bytes of data, its header promises "
-            f"{expected} (shape {dims}); the file is truncated or corrupt; {fix}"
-        )
+    try:
+        dims = _parse_header(data[:_MAX_HEADER], str(path))  # not [:16]: any rank is valid IDX
+        _check_size(dims, len(data), str(path))
+    except _BadIdx as err:
+        raise PipelineError(f"{err}; {_FIX}") from None
     import torch
 
-    array = np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
     return torch.from_numpy(array.copy())
 
 
