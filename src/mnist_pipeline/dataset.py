@@ -361,7 +361,7 @@ def load_dataset(root: Path, dataset: str, verify: bool = True) -> Dataset:
             if md5s[name] != expected[name]:
                 raise PipelineError(
                     f"{_rel(folder / name, root)}: content does not match its checksum "
-                    f"(corrupt or truncated); delete it and {fix}"
+                    f"(corrupt or truncated); {fix}, which replaces it"
                 )
     tensors = {name: read_idx(folder / name) for name in FILES}
     train_x, train_y = tensors[FILES[0]], tensors[FILES[1]]

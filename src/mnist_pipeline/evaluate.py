@@ -111,7 +111,9 @@ def evaluate(params: Params, variant: str, root: Path) -> dict[str, float]:
     pairs = zip(y.tolist(), pred.tolist(), strict=True)
     rows = ["actual,predicted"] + [f"{a},{p}" for a, p in pairs]
     write_text_atomic(paths.predictions_path(root, variant), "\n".join(rows) + "\n")
-    run_id = _log_to_mlflow(root, uri, variant, metrics, cm, data, pred.cpu(), meta, checkpoint)
+    run_id = _log_to_mlflow(
+        root, uri, variant, model.cpu(), metrics, cm, data, pred.cpu(), meta, checkpoint
+    )
     print(
         f"{variant}: test/accuracy {metrics['test/accuracy']:.4f} test/loss {loss:.4f} "
         f"(MLflow run {run_id})"
@@ -119,54 +121,87 @@ def evaluate(params: Params, variant: str, root: Path) -> dict[str, float]:
     return metrics
 
 
-def _log_to_mlflow(root, uri, variant, metrics, cm, data, pred, meta, checkpoint) -> str:
+def _training_run_id(client, root: Path, variant: str, meta: dict[str, Any]) -> str | None:
+    """The checkpoint's training run, if this tracking store has it.
+
+    The checkpoint names its run; mlflow_run.json beside it says the same once the run was
+    completely logged. A run id from another store (DVC's cache, a colleague's machine) is None.
+    """
     import json
+
+    from mlflow.exceptions import MlflowException
+
+    run_id = meta.get("run_id")
+    info_path = paths.run_info_path(root, variant)
+    try:
+        if json.loads(info_path.read_text())["run_id"] != run_id:
+            return None  # the checkpoint's run was never completely logged
+        client.get_run(run_id)
+    except (OSError, ValueError, KeyError, TypeError, MlflowException):
+        return None
+    return run_id
+
+
+def _new_run_from_checkpoint(root, variant, model, data, meta, checkpoint) -> str:
+    """Record a run for a checkpoint whose training run this store lacks: the recipe, the
+    per-epoch history saved beside it, the summary and the model, linked by the checkpoint's MD5."""
     import os
+
+    import mlflow
+
+    from mnist_pipeline import tracking
+    from mnist_pipeline.models import count_parameters, summary_text
+    from mnist_pipeline.train import device_name, log_model
+
+    experiment_id = tracking.ensure_experiment(tracking.experiment_name(data.name), root)
+    tags = tracking.run_tags(root, variant, "cpu", device_name(torch.device("cpu")))
+    tags |= {
+        "data.dataset": data.name,
+        "data.checksum": data.checksum,
+        "run.source": "checkpoint",
+        "checkpoint.md5": file_md5(checkpoint),
+        "checkpoint.training_run_id": str(meta.get("run_id", "unknown")),
+    }
+    parent = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run`: become its child
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=variant, tags=tags, parent_run_id=parent
+    ) as run:
+        mlflow.log_params(
+            {"variant": variant, **meta.get("recipe", {}), "num_params": count_parameters(model)}
+        )
+        for epoch, row in _history(root, variant):
+            mlflow.log_metrics(row, step=epoch)
+        mlflow.log_text(summary_text(model), "model_summary.txt")
+        log_model(model)
+    return run.info.run_id
+
+
+def _history(root: Path, variant: str) -> list[tuple[int, dict[str, float]]]:
+    """The per-epoch rows of plots/train/<variant>.csv, if present."""
+    path = paths.history_path(root, variant)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    header, rows = lines[0].split(","), []
+    for line in lines[1:]:
+        values = dict(zip(header, line.split(","), strict=True))
+        epoch = int(values.pop("epoch"))
+        rows.append((epoch, {k: float(v) for k, v in values.items() if v}))
+    return rows
+
+
+def _log_to_mlflow(root, uri, variant, model, metrics, cm, data, pred, meta, checkpoint) -> str:
+    import json
     import time
 
     import mlflow
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    from mnist_pipeline import tracking
-    from mnist_pipeline.train import device_name
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    run_id = None
-    info_path = paths.run_info_path(root, variant)
-    if info_path.is_file():
-        try:
-            run_id = json.loads(info_path.read_text())["run_id"]
-            client.get_run(run_id)
-        except (ValueError, KeyError, MlflowException):
-            run_id = None
+    run_id = _training_run_id(client, root, variant, meta)
     if run_id is None:
-        # The training run is not in this store: record an evaluation run linked to the checkpoint.
-        experiment_id = tracking.ensure_experiment(tracking.experiment_name(data.name), root)
-        tags = tracking.run_tags(root, variant, "cpu", device_name(torch.device("cpu")))
-        tags |= {
-            "data.dataset": data.name,
-            "data.checksum": data.checksum,
-            "run.kind": "evaluation",
-            "checkpoint.md5": file_md5(checkpoint),
-            "checkpoint.training_run_id": str(meta.get("run_id", "unknown")),
-        }
-        parent = os.environ.get("MLFLOW_RUN_ID")
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        run = client.create_run(experiment_id, run_name=f"{variant}-evaluation", tags=tags)
-        run_id = run.info.run_id
-        client.log_batch(
-            run_id,
-            params=[
-                mlflow.entities.Param(k, str(v))
-                for k, v in {"variant": variant, **meta.get("recipe", {})}.items()
-            ],
-        )
-        created = True
-    else:
-        created = False
+        run_id = _new_run_from_checkpoint(root, variant, model, data, meta, checkpoint)
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
@@ -180,8 +215,6 @@ def _log_to_mlflow(root, uri, variant, metrics, cm, data, pred, meta, checkpoint
         _confusion_png(cm, folder / "confusion_matrix.png", variant)
         _misclassified_png(data.test_images, data.test_labels, pred, folder / "misclassified.png")
         client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
-    if created:
-        client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

@@ -37,6 +37,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any work, if an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    # MLflow retries a failing request for minutes by default; a few seconds tell a blip from a
+    # dead server (a user's own settings win).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:

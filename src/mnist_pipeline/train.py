@@ -263,10 +263,24 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
             }
         )
         mlflow.log_text(summary_text(model), "model_summary.txt")
+        paths.run_info_path(root, variant).unlink(missing_ok=True)  # it names the previous run
+        log_epoch = EpochLogger()
         with sigterm_as_exception():
-            history = _fit(model, optimizer, train_data, val_data, recipe, generator, variant)
-        _write_local_results(root, variant, model, recipe, history, num_params, data, run)
-        _log_model(model, device)
+            history = _fit(
+                model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
+            )
+        summary = _write_local_results(root, variant, model, recipe, history, num_params, data, run)
+        if log_epoch.error is not None:
+            raise PipelineError(
+                f"{variant}: the tracking store at {uri} failed during training "
+                f"({log_epoch.error}); training finished and its results are saved "
+                f"({paths.checkpoint_path(root, variant).relative_to(root)}, "
+                f"{paths.train_metrics_path(root, variant).relative_to(root)}). When the store "
+                f"answers again, `mnist-pipeline evaluate --variant {variant}` records them as a "
+                "new run (or re-run the training)"
+            )
+        mlflow.log_metrics({"time/train_seconds": summary["time/train_seconds"]})
+        log_model(model)
         write_json_atomic(
             paths.run_info_path(root, variant),
             {
@@ -280,13 +294,37 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        try:
+            mlflow.end_run(status)
+        except Exception:  # the store is gone; what matters is saved locally
+            log.warning("could not mark the MLflow run %s as %s", run.info.run_id, status)
     return TrainResult(run.info.run_id, history, paths.checkpoint_path(root, variant), num_params)
 
 
-def _fit(model, optimizer, train_data, val_data, recipe, generator, variant):
-    import mlflow
+class EpochLogger:
+    """Logs each epoch's metrics in one batched call. If the tracking store fails mid-run,
+    training goes on (its results are saved locally) and the first error is kept."""
 
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def __call__(self, row: dict[str, float], epoch: int) -> None:
+        if self.error is not None:
+            return
+        import mlflow
+
+        try:
+            mlflow.log_metrics(row, step=epoch)
+        except Exception as err:
+            self.error = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            print(
+                f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
+                "training continues",
+                file=sys.stderr,
+            )
+
+
+def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch):
     history = []
     use_bar = sys.stderr.isatty()
     for epoch in range(1, recipe.epochs + 1):
@@ -319,7 +357,7 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant):
         }
         if val_data is not None:
             row["val/loss"], row["val/accuracy"] = evaluate_split(model, val_data)
-        mlflow.log_metrics(row, step=epoch)
+        log_epoch(row, epoch)
         history.append({"epoch": epoch, **row})
         val = (
             f"val/loss {row['val/loss']:.4f} val/accuracy {row['val/accuracy']:.4f} "
@@ -337,8 +375,6 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant):
 
 def _write_local_results(root, variant, model, recipe, history, num_params, data, run):
     """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics)."""
-    import mlflow
-
     save_checkpoint(
         paths.checkpoint_path(root, variant),
         model,
@@ -370,10 +406,10 @@ def _write_local_results(root, variant, model, recipe, history, num_params, data
         ],
     }
     write_json_atomic(paths.train_metrics_path(root, variant), summary)
-    mlflow.log_metrics({"time/train_seconds": summary["time/train_seconds"]})
+    return summary
 
 
-def _log_model(model: nn.Sequential, device: torch.device) -> None:
+def log_model(model: nn.Sequential) -> None:
     """Log the model from CPU weights, with a signature and an input example."""
     import copy
 

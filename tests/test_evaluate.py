@@ -1,0 +1,107 @@
+"""The evaluate stage: metrics files, the DVC confusion plot, logging into the training run, and a
+new run recorded from the checkpoint when the training run is not in this tracking store."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from mnist_pipeline import paths
+from mnist_pipeline.cli import main
+from mnist_pipeline.config import load_params
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.evaluate import classification_metrics, evaluate, load_checkpoint
+from mnist_pipeline.train import train
+
+
+def test_classification_metrics_by_hand():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0])
+    metrics, cm = classification_metrics(y, pred, loss=0.5)
+    assert cm[0].tolist()[:3] == [1, 1, 0] and cm[1].tolist()[:3] == [0, 2, 0]
+    assert metrics["test/accuracy"] == pytest.approx(4 / 6)
+    # class 0: p=1/2 r=1/2; class 1: p=2/3 r=1; class 2: p=1 r=1/2; classes 3-9 absent -> 0
+    assert metrics["test/recall_macro"] == pytest.approx((0.5 + 1 + 0.5) / 10)
+    assert metrics["test/precision_macro"] == pytest.approx((0.5 + 2 / 3 + 1) / 10)
+    assert metrics["test/accuracy_class_1"] == 1.0
+
+
+def test_evaluate_logs_into_the_training_run(tiny_data):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    result = train(params, "ffn1_relu", root)
+    metrics = evaluate(params, "ffn1_relu", root)
+
+    saved = json.loads(paths.test_metrics_path(root, "ffn1_relu").read_text())
+    assert saved == metrics
+    assert {"test/loss", "test/accuracy", "test/f1_macro", "test/accuracy_class_9"} <= set(saved)
+    rows = paths.predictions_path(root, "ffn1_relu").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + 200
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    assert runs[0].data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= names
+
+
+def test_checkpoint_from_another_store_gets_a_new_linked_run(tiny_data, monkeypatch):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    trained = train(params, "ffn2_relu", root)  # into <root>/mlflow.db
+
+    other = root / "other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    evaluate(params, "ffn2_relu", root)
+
+    mlflow.set_tracking_uri(f"sqlite:///{other}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_id != trained.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["run.source"] == "checkpoint"
+    assert run.data.tags["checkpoint.training_run_id"] == trained.run_id
+    assert run.data.params["lr"] == str(params.variants["ffn2_relu"].lr)
+    assert "test/accuracy" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
+    assert [m.step for m in history] == [1]
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(lambda path: path.write_bytes(b"not a checkpoint"), id="garbage"),
+        pytest.param(lambda path: path.write_bytes(pickle.dumps(Exploit())), id="pickled-code"),
+        pytest.param(lambda path: torch.save({"state_dict": {}}, path), id="foreign-dict"),
+        pytest.param(
+            lambda path: torch.save(
+                {"format": "mnist-pipeline/checkpoint/1", "variant": "ffn1_relu", "state_dict": {}},
+                path,
+            ),
+            id="wrong-weights",
+        ),
+    ],
+)
+def test_foreign_or_tampered_checkpoint_is_refused(tmp_path, capsys, payload):
+    path = tmp_path / "model.pt"
+    payload(path)
+    with pytest.raises(PipelineError, match="refused to load"):
+        load_checkpoint(path, "ffn1_relu")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_evaluate_without_checkpoint_says_to_train(tiny_data, capsys):
+    assert main(["evaluate", "--variant", "ffn1_relu"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "mnist-pipeline train --variant ffn1_relu" in err
+    assert err.count("\n") == 1
