@@ -34,7 +34,11 @@ def experiment_name(dataset: str) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any work, if an HTTP tracking server does not answer."""
+    """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
+    not answer, or a local SQLite store that cannot be opened (it is created here if need be)."""
+    if uri.startswith("sqlite:"):
+        _open_sqlite_store(uri)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     # MLflow retries a failing request for minutes by default; a few seconds tell a blip from a
@@ -51,6 +55,36 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise PipelineError(
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
             "MLFLOW_TRACKING_URI at a running one (unset it to use the local store)"
+        ) from None
+
+
+def _open_sqlite_store(uri: str) -> None:
+    """Open (the first time: create) a SQLite store, one process at a time. MLflow creates the
+    tables without a lock, so two jobs starting on a fresh store (`dvc exp run --queue` with two
+    jobs) would race the schema migration, and one would crash."""
+    import hashlib
+    import tempfile
+
+    import mlflow
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    key = hashlib.md5(uri.encode()).hexdigest()
+    lock = Path(tempfile.gettempdir()) / f"mnist-pipeline-store-{key}.lock"
+    try:
+        with lock.open("a") as handle:
+            try:
+                import fcntl
+            except ImportError:  # Windows: no lock (and no parallel DVC jobs there)
+                pass
+            else:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+            mlflow.MlflowClient(tracking_uri=uri)  # MLflow keeps this store for the process
+    except (MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+        raise PipelineError(
+            f"cannot open the MLflow tracking store {uri} ({first}); check the file and its "
+            "folder are writable, or point MLFLOW_TRACKING_URI elsewhere"
         ) from None
 
 
