@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), format="%(message)s")
+    # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     try:
         return run(args)
