@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline.errors import PipelineError
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -29,8 +31,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def write_atomic(target: Path, write: Callable[[Path], Any]) -> None:
-    with atomic_path(target) as tmp:
-        write(tmp)
+    """`write(tmp)`, then move tmp over `target`. A failing write (disk full, no permission)
+    is one PipelineError naming the file; `target` keeps its previous content."""
+    try:
+        with atomic_path(target) as tmp:
+            write(tmp)
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise PipelineError(
+            f"could not write {target} ({reason}); any previous {target.name} there is "
+            "unchanged. Free some space or fix the permissions, then run it again"
+        ) from err
 
 
 def write_text_atomic(target: Path, text: str) -> None:

@@ -199,7 +199,16 @@ def save_checkpoint(path: Path, model: nn.Module, variant: str, recipe: Recipe, 
         "state_dict": state,
         **extra,
     }
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file: a full disk is then an OSError (torch's own writer says only
+        # "unexpected pos"), which write_atomic reports; fsync before the rename makes it durable.
+        with tmp.open("wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write)
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -263,13 +272,15 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
             }
         )
         mlflow.log_text(summary_text(model), "model_summary.txt")
-        paths.run_info_path(root, variant).unlink(missing_ok=True)  # it names the previous run
         log_epoch = EpochLogger()
         with sigterm_as_exception():
             history = _fit(
                 model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
             )
         summary = _write_local_results(root, variant, model, recipe, history, num_params, data, run)
+        # The checkpoint is now this run's: the file naming the previous run goes. (Until here, a
+        # diverged, interrupted or failed run has left models/<variant>/ as it was.)
+        paths.run_info_path(root, variant).unlink(missing_ok=True)
         if log_epoch.error is not None:
             raise PipelineError(
                 f"{variant}: the tracking store at {uri} failed during training "
