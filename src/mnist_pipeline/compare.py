@@ -1,0 +1,258 @@
+"""`mnist-pipeline compare`: the tracking store as one table, variants × host/device.
+
+    mnist-pipeline compare                                  # latest run per variant, host, device
+    mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
+    mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
+    MLFLOW_TRACKING_URI=http://mlflow.internal:5000 mnist-pipeline compare
+
+One row per variant, one column group per `host · device` (the `host` and `device` tags `train`
+sets; MNIST_PIPELINE_HOST names the host): test accuracy, seconds per epoch and training images
+per second, both timings the median over the run's epochs (the first epoch pays for warm-up).
+Only finished training runs count: `mlflow run`'s parent runs (no `variant` tag) and evaluation-only
+runs are left out; a run that has not been evaluated yet shows a blank accuracy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mnist_pipeline import tracking
+from mnist_pipeline.config import Params, check_variant
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.fileio import write_atomic, write_text_atomic
+from mnist_pipeline.models import VARIANTS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# (metric, label in the printed table, how the printed table shows it)
+COLUMNS = (
+    ("test/accuracy", "accuracy", lambda v: f"{v:.2%}"),
+    ("time/epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
+    ("time/samples_per_second", "img/s", lambda v: f"{v:,.0f}"),
+)
+TIMINGS = ("time/epoch_seconds", "time/samples_per_second")
+
+
+def compare(
+    params: Params,
+    root: Path,
+    *,
+    experiment: str | None = None,
+    variants: Sequence[str] | None = None,
+    hosts: Sequence[str] | None = None,
+    latest_only: bool = True,
+    csv_path: Path | None = None,
+    markdown_path: Path | None = None,
+    chart_path: Path | None = None,
+) -> pd.DataFrame:
+    """Print (and write, when asked) the comparison table; return it, numbers unformatted.
+
+    Columns are a MultiIndex (`host · device`, metric name); rows are variants, or (variant,
+    run) pairs with `latest_only=False`, run 1 being the latest.
+    """
+    for variant in variants or ():
+        check_variant(variant)
+    uri = tracking.tracking_uri(root)
+    tracking.check_reachable(uri)
+    _check_store_exists(uri)
+    name = experiment or tracking.experiment_name(params.data.dataset)
+    runs = training_runs(uri, name)
+    if variants:
+        present = ", ".join(v for v in VARIANTS if v in set(runs["variant"]))
+        runs = runs[runs["variant"].isin(variants)]
+        if runs.empty:
+            raise PipelineError(
+                f"experiment {name!r} at {uri} has no finished runs of {', '.join(variants)} "
+                f"(variants there: {present})"
+            )
+    if hosts:
+        present = ", ".join(sorted(runs["host"].unique()))
+        runs = runs[runs["host"].isin(hosts)]
+        if runs.empty:
+            raise PipelineError(
+                f"experiment {name!r} at {uri} has no runs from host {', '.join(hosts)}"
+                f"{' of these variants' if variants else ''} (hosts there: {present})"
+            )
+    runs = _with_epoch_medians(runs, uri)
+    table = pivot(runs, latest_only)
+
+    kind = "latest run" if latest_only else "every run (1 = latest)"
+    print(f"{name} at {uri}: {kind} per variant and host · device")
+    print(_shown(table).to_string())
+    if csv_path:
+        flat = table.copy()
+        flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
+        write_text_atomic(csv_path, flat.to_csv())
+    if markdown_path:
+        shown = _shown(table)
+        shown.columns = [f"{group}: {label}" for group, label in shown.columns]
+        shown = shown.reset_index()
+        align = ["left" if c == "variant" else "right" for c in shown.columns]
+        title = f"# {name}: {kind} per variant and host · device\n\n"
+        text = shown.to_markdown(index=False, colalign=align)
+        write_text_atomic(markdown_path, title + text + "\n")
+    if chart_path:
+        latest = table if latest_only else table.xs(1, level="run")
+        write_atomic(chart_path, lambda tmp: _chart(latest, tmp, name))
+    return table
+
+
+def _check_store_exists(uri: str) -> None:
+    """A local store that is not there is a user mistake; opening it would create it, empty."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        path = Path(unquote(uri[len("sqlite:///") :]))
+    elif uri.startswith("file:"):
+        path = Path(unquote(urlparse(uri).path))
+    elif "://" not in uri and not uri.startswith("databricks"):
+        path = Path(uri)  # a bare folder: MLflow's file store
+    else:
+        return
+    if not path.exists():
+        raise PipelineError(
+            f"no tracking store at {path}; train a variant first (`mnist-pipeline train "
+            "--variant NAME`), or point MLFLOW_TRACKING_URI at the store to read"
+        )
+
+
+def training_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """The experiment's finished training runs: one row each, newest first, with the columns
+    run_id, start_time, variant, host, device and test/accuracy (NaN where not evaluated)."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage != "active":
+        names = [e.name for e in mlflow.search_experiments()]
+        raise PipelineError(
+            f"no experiment named {experiment!r} at {uri}; experiments there: "
+            f"{', '.join(names) or 'none'} (choose one with --experiment)"
+        )
+    raw = mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    columns = {
+        "run_id": "run_id",
+        "start_time": "start_time",
+        "tags.variant": "variant",
+        "tags.host": "host",
+        "tags.device": "device",
+        "tags.run.kind": "kind",
+        "metrics.test/accuracy": "test/accuracy",
+    }
+    runs = pd.DataFrame(
+        {new: raw.get(old, pd.Series(index=raw.index)) for old, new in columns.items()}
+    )
+    runs = runs[runs["variant"].notna() & (runs["kind"] != "evaluation")].drop(columns="kind")
+    if runs.empty:
+        raise PipelineError(
+            f"experiment {experiment!r} at {uri} holds no finished training runs; train one "
+            "with `mnist-pipeline train --variant NAME` (or `dvc repro`)"
+        )
+    runs["test/accuracy"] = runs["test/accuracy"].astype(float)
+    return runs.fillna({"host": "unknown", "device": "unknown"}).reset_index(drop=True)
+
+
+def _with_epoch_medians(runs: pd.DataFrame, uri: str) -> pd.DataFrame:
+    """Add the median of each run's per-epoch timings (the search only returns the last)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = runs.copy()
+    for metric in TIMINGS:
+        runs[metric] = [
+            statistics.median(m.value for m in history) if history else float("nan")
+            for history in (client.get_metric_history(rid, metric) for rid in runs["run_id"])
+        ]
+    return runs
+
+
+def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
+    """Rows: variants in the order of models.VARIANTS; columns: (`host · device`, metric)."""
+    import pandas as pd
+
+    runs = runs.sort_values("start_time", ascending=False).assign(
+        group=runs["host"] + " · " + runs["device"]
+    )
+    if latest_only:
+        runs = runs.drop_duplicates(["variant", "group"])
+        index: str | list[str] = "variant"
+    else:
+        runs = runs.assign(run=runs.groupby(["variant", "group"]).cumcount() + 1)
+        index = ["variant", "run"]
+    metrics = [metric for metric, _, _ in COLUMNS]
+    table = runs.pivot(index=index, columns="group", values=metrics)
+    table = table.swaplevel(axis=1)
+    groups = sorted(table.columns.get_level_values(0).unique())
+    table = table.reindex(columns=pd.MultiIndex.from_product([groups, metrics]))
+    table.columns.names = ["host · device", "metric"]
+    # The registry's order; a variant it does not know (a newer checkout's) goes last.
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    table = table.sort_index()
+    return table.sort_index(
+        key=lambda level: level.map(
+            lambda v: order.get(v, len(order)) if isinstance(v, str) else v
+        ),
+        kind="stable",
+    )
+
+
+def _shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as printed: short column labels, percentages and thousands separators."""
+    import pandas as pd
+
+    shown = table.copy().astype(object)
+    labels = {metric: (label, fmt) for metric, label, fmt in COLUMNS}
+    for column in table.columns:
+        fmt = labels[column[1]][1]
+        shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
+    shown.columns = pd.MultiIndex.from_tuples(
+        [(group, labels[metric][0]) for group, metric in table.columns],
+        names=table.columns.names,
+    )
+    return shown
+
+
+def _chart(table: pd.DataFrame, path: Path, experiment: str) -> None:
+    """Grouped bars: test accuracy and throughput per variant, one colour per host · device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = list(table.columns.get_level_values(0).unique())
+    variants = list(table.index)
+    y = np.arange(len(variants))
+    height = 0.8 / max(len(groups), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * len(variants) * len(groups)))
+    panels = (
+        ("test/accuracy", 100, "test accuracy, %"),
+        ("time/samples_per_second", 1, "training images per second (log scale)"),
+    )
+    for ax, (metric, scale, label) in zip(axes, panels, strict=True):
+        for i, group in enumerate(groups):
+            values = table[(group, metric)].to_numpy(dtype=float) * scale
+            ax.barh(y + i * height, np.nan_to_num(values), height, label=group)
+        ax.set_yticks(y + height * (len(groups) - 1) / 2, variants, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    accuracy = table.xs("test/accuracy", axis=1, level=1).to_numpy(dtype=float) * 100
+    if np.isfinite(accuracy).any():
+        axes[0].set_xlim(max(0.0, np.nanmin(accuracy) - 5), 100)
+    axes[1].set_xscale("log")
+    axes[1].set_yticklabels([])
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{experiment}: variants by host · device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""A team's set-up in miniature: a real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts
+proxied into a temporary folder). Training logs to it over HTTP, the model loads back from it,
+`compare` reads it; a server that is not there stops training at once, with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from mnist_pipeline import paths
+from mnist_pipeline.cli import main
+from mnist_pipeline.compare import compare
+from mnist_pipeline.config import load_params
+
+STARTUP_TIMEOUT_S = 120  # MLflow's server imports a lot; a busy CI machine takes its time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    artifacts: Path  # where the server stores the artifacts it proxies
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{free_port()}"
+    artifacts = base / "artifacts"
+    command = [
+        *(str(Path(sys.executable).with_name("mlflow")), "server"),
+        *("--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}"),
+        *("--serve-artifacts", "--artifacts-destination", artifacts.as_uri()),
+        *("--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # one process less; no jobs here
+    log = base / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"mlflow server not ready in {STARTUP_TIMEOUT_S}s:\n"
+                        f"{log.read_text()[-3000:]}"
+                    )
+                time.sleep(0.25)
+        yield Server(url, artifacts)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def remote(server: Server, tiny_data: Path, monkeypatch) -> Iterator[Path]:
+    """tiny_data's project, tracked on the server in an experiment of its own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"test-{time.monotonic_ns()}")
+    yield tiny_data
+    mlflow.set_tracking_uri(None)  # the server goes away; leave no process-wide pointer to it
+
+
+def train_as(host: str, variant: str, *flags: str, monkeypatch) -> str:
+    monkeypatch.setenv("MNIST_PIPELINE_HOST", host)
+    assert main(["train", "--variant", variant, *flags]) == 0
+    root = Path(os.environ["MNIST_PIPELINE_ROOT"])
+    return json.loads(paths.run_info_path(root, variant).read_text())["run_id"]
+
+
+def test_training_logs_over_http_and_the_model_loads_back(server, remote, monkeypatch):
+    run_id = train_as("laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
+    assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
+
+    run = mlflow.MlflowClient(server.url).get_run(run_id)
+    assert run.data.tags["host"] == "laptop" and run.data.tags["device"] == "cpu"
+    assert {"train/loss", "val/accuracy", "time/epoch_seconds", "test/accuracy"} <= set(
+        run.data.metrics
+    )
+    # Artifacts went through the server into its own folder, not into the project.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list(server.artifacts.rglob("MLmodel"))
+    assert not (remote / "mlflow.db").exists() and not (remote / "mlartifacts").exists()
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    batch = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    assert np.asarray(model.predict(batch)).shape == (4, 10)
+
+
+def test_compare_shows_two_hosts_as_two_column_groups(remote, monkeypatch, capsys, tmp_path):
+    train_as("cpu-laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
+    assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
+    train_as("gpu-box", "ffn1_relu", monkeypatch=monkeypatch)  # device auto: CUDA where there is
+    train_as("gpu-box", "logistic_regression", monkeypatch=monkeypatch)
+    assert main(["evaluate", "--variant", "logistic_regression"]) == 0
+    capsys.readouterr()
+
+    params = load_params(remote / "params.yaml")
+    out = tmp_path / "out"
+    table = compare(
+        params,
+        remote,
+        csv_path=out / "compare.csv",
+        markdown_path=out / "compare.md",
+        chart_path=out / "compare.png",
+    )
+    printed = capsys.readouterr().out
+
+    groups = list(table.columns.get_level_values(0).unique())
+    assert len(groups) == 2
+    laptop, box = sorted(groups, key=lambda g: not g.startswith("cpu-laptop"))
+    assert laptop == "cpu-laptop · cpu" and box.startswith("gpu-box · ")
+    assert list(table.index) == ["logistic_regression", "ffn1_relu"]  # the registry's order
+    assert table.loc["ffn1_relu", (laptop, "test/accuracy")] > 0.5
+    assert pd.isna(table.loc["ffn1_relu", (box, "test/accuracy")])  # trained, not evaluated
+    assert pd.isna(table.loc["logistic_regression", (laptop, "time/epoch_seconds")])  # no run
+    assert table.loc["logistic_regression", (box, "time/samples_per_second")] > 0
+    assert laptop in printed and box in printed
+
+    csv = pd.read_csv(out / "compare.csv", index_col=0)
+    assert f"{laptop}: test/accuracy" in csv.columns and f"{box}: test/accuracy" in csv.columns
+    assert (out / "compare.md").read_text().count("\n| ") == 3  # header and two variants
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["compare", "--hosts", "gpu-box"]) == 0
+    assert "cpu-laptop" not in capsys.readouterr().out
+    print(printed)  # what the user saw; `pytest -rP` shows it
+
+
+@pytest.mark.parametrize("command", [["train", "--variant", "ffn1_relu"], ["compare"]])
+def test_unreachable_server_fails_fast_with_one_line(tiny_data, monkeypatch, capsys, command):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    code = main(command)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code != 0 and elapsed < 5
+    assert err.count("\n") == 1 and uri in err and "Traceback" not in err
+    assert not (tiny_data / "models").exists() and not (tiny_data / "metrics").exists()
+    assert not (tiny_data / "mlflow.db").exists()
