@@ -122,23 +122,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _environment_error(err: BaseException) -> str | None:
+    """One line for a failure of the machine or a service rather than of this code: an OSError
+    (disk full, permission denied) or an MLflow error (the tracking store). None for anything
+    else: a bug, which keeps its traceback."""
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is not None and isinstance(err, mlflow_exceptions.MlflowException):
+        text = str(err).strip()
+        first = text.splitlines()[0][:300] if text else type(err).__name__
+        return f"MLflow: {first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), format="%(message)s")
     # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
+
+    def say(text: str) -> None:  # always one line
+        print(f"mnist-pipeline {args.command}: " + " ".join(text.splitlines()), file=sys.stderr)
+
     try:
         return run(args)
     except PipelineError as err:
-        print(f"mnist-pipeline {args.command}: error: {err}", file=sys.stderr)
+        say(f"error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"mnist-pipeline {args.command}: interrupted; nothing was saved", file=sys.stderr)
+        say("interrupted; nothing was saved")
         return 130
     except BaseException as err:
-        from mnist_pipeline.train import Terminated
-
-        if isinstance(err, Terminated):
-            print(f"mnist-pipeline {args.command}: terminated; nothing was saved", file=sys.stderr)
+        train = sys.modules.get("mnist_pipeline.train")  # only training turns SIGTERM into one
+        if train is not None and isinstance(err, train.Terminated):
+            say("terminated; nothing was saved")
             return 143
-        raise
+        line = _environment_error(err)
+        if line is None:
+            raise
+        logging.getLogger(__name__).debug("details", exc_info=True)  # MNIST_PIPELINE_LOG=DEBUG
+        say(f"error: {line} (MNIST_PIPELINE_LOG=DEBUG shows the details)")
+        return 1

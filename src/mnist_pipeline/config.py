@@ -175,8 +175,10 @@ def parse_recipe(raw: Any, variant: str) -> Recipe:
 
 
 def parse_params(raw: Any) -> Params:
-    top = _mapping(raw, "params.yaml")
-    _keys(top, "params.yaml", {"data", "train", "variants"})
+    if raw is None:
+        raise ConfigError("the file is empty; expected sections data, train and variants")
+    top = _mapping(raw, "top level")
+    _keys(top, "top level", {"data", "train", "variants"})
     variants_raw = _mapping(top["variants"], "variants")
     variants = {}
     for name, recipe in variants_raw.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -38,9 +39,14 @@ def write_atomic(target: Path, write: Callable[[Path], Any]) -> None:
             write(tmp)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "; free some disk space and run it again"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"; check that {target.parent} is writable"
+        else:
+            fix = ""
         raise PipelineError(
-            f"could not write {target} ({reason}); any previous {target.name} there is "
-            "unchanged. Free some space or fix the permissions, then run it again"
+            f"could not write {target} ({reason}); what was there before is unchanged{fix}"
         ) from err
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mnist_pipeline.errors import ConfigError
+
 if TYPE_CHECKING:  # torch is imported where a model is built: `download` and `report` skip it
     from torch import nn
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")  # names of torch.nn layers, see build_model
+HEADS = ("logits", "softmax")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,17 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
 
     activations = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
     arch = VARIANTS[variant]
+    for _, activation in arch.hidden:
+        if activation not in activations:
+            raise ConfigError(
+                f"models.py: variant {variant!r} uses activation {activation!r}; "
+                f"known activations: {', '.join(ACTIVATIONS)}"
+            )
+    if arch.head not in HEADS:
+        raise ConfigError(
+            f"models.py: variant {variant!r} has head {arch.head!r}; "
+            f"known heads: {', '.join(HEADS)}"
+        )
     layers: list[nn.Module] = [nn.Flatten()]
     width = INPUT_SHAPE[1] * INPUT_SHAPE[2]
     for out_features, activation in arch.hidden:
