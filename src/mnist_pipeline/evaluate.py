@@ -153,7 +153,7 @@ def _new_run_from_checkpoint(root, variant, model, data, meta, checkpoint) -> st
     from mnist_pipeline.models import count_parameters, summary_text
     from mnist_pipeline.train import device_name, log_model
 
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(data.name), root)
+    experiment_id = tracking.run_experiment_id(data.name, root)
     tags = tracking.run_tags(root, variant, "cpu", device_name(torch.device("cpu")))
     tags |= {
         "data.dataset": data.name,

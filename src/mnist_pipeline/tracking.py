@@ -88,6 +88,15 @@ def _open_sqlite_store(uri: str) -> None:
         ) from None
 
 
+def run_experiment_id(dataset: str, root: Path) -> str:
+    """The experiment a new run goes to: MLFLOW_EXPERIMENT_ID when set (as `mlflow run` sets it
+    for its parent run; the MLflow UI nests children only within one experiment), else
+    `experiment_name(dataset)`, created if needed."""
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(
+        experiment_name(dataset), root
+    )
+
+
 def ensure_experiment(name: str, root: Path) -> str:
     """The id of experiment `name`, created if needed. On the local SQLite store, artifacts go to
     <root>/mlartifacts whatever the working directory (MLflow would use ./mlruns)."""

@@ -243,7 +243,7 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(data.name), root)
+    experiment_id = tracking.run_experiment_id(data.name, root)
     # Under `mlflow run`, MLflow has started a run and exported its id: ours becomes its child.
     parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     tags = tracking.run_tags(root, variant, device.type, device_name(device))
