@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), format="%(message)s")
     # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "MNIST_PIPELINE_LOG" not in os.environ:
+        # A tracking server that goes away: MLflow's HTTP retries and its system-metrics thread
+        # would each print warnings; the pipeline says what happened in a line of its own.
+        for name in ("urllib3.connectionpool", "mlflow.system_metrics"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
 
     def say(text: str) -> None:  # always one line
