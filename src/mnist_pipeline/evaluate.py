@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,13 @@ def load_checkpoint(path: Path, variant: str | None = None) -> tuple[nn.Sequenti
         )
     refuse = f"{path}: refused to load: not a checkpoint written by mnist-pipeline, or corrupt"
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on a pickle it is about to refuse
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Not torch's message: it suggests weights_only=False, i.e. running the file's code.
+        raise PipelineError(f"{refuse} (it holds more than tensors and plain values)") from None
+    except Exception as err:  # a foreign file fails torch.load in many ways (KeyError included)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"{refuse} ({first[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
