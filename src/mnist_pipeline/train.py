@@ -11,6 +11,7 @@ validation split held out of the training set with a fixed seed; the test set is
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -201,10 +202,13 @@ def save_checkpoint(path: Path, model: nn.Module, variant: str, recipe: Recipe, 
     }
 
     def write(tmp: Path) -> None:
-        # Through a Python file: a full disk is then an OSError (torch's own writer says only
-        # "unexpected pos"), which write_atomic reports; fsync before the rename makes it durable.
+        # Serialised in memory (a few MB), written by Python: a full disk is then an OSError,
+        # which write_atomic reports (torch's own writer says "unexpected pos"). fsync before
+        # the rename: the new checkpoint is on disk before it replaces the old one.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with tmp.open("wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 
