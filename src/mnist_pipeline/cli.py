@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MNIST_PIPELINE_LOG" not in os.environ:
         # A tracking server that goes away: MLflow's HTTP retries and its system-metrics thread
         # would each print warnings; the pipeline says what happened in a line of its own.
-        for name in ("urllib3.connectionpool", "mlflow.system_metrics"):
+        for name in ("urllib3.connectionpool", "mlflow.system_metrics", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
 

@@ -230,8 +230,8 @@ def with_overrides(params: Params, variant: str, **overrides: Any) -> Params:
             train[name] = value
         else:
             raise ValueError(f"no such setting: {name}")
-    if not VARIANTS[variant].dropout:
-        recipe.pop("use_dropout")
+    if not VARIANTS[variant].dropout and overrides.get("use_dropout") is None:
+        recipe.pop("use_dropout")  # (a --use-dropout flag stays, and is refused by parse_recipe)
     variants = dict(params.variants)
     variants[variant] = parse_recipe(recipe, variant)
     return dataclasses.replace(params, train=parse_train(train), variants=variants)
