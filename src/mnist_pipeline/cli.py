@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="override train.seed")
     train.add_argument("--device", help="override train.device (auto, cpu, cuda, mps)")
     train.add_argument("--val-size", type=int, help="override train.val_size")
+    train.add_argument("--keep", help="override train.keep: best (validation) or last epoch")
 
     evaluate = sub.add_parser("evaluate", help="score one variant's checkpoint on the test set")
     evaluate.add_argument("--variant", required=True)
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             val_size=args.val_size,
+            keep=args.keep,
         )
         train(params, args.variant, root)
     elif args.command == "evaluate":

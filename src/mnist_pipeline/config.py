@@ -19,6 +19,7 @@ from mnist_pipeline.models import VARIANTS
 DATASETS = ("mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+KEEP = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TrainConfig:
     seed: int
     device: str
     val_size: int
+    keep: str = "best"  # which epoch's weights become the checkpoint: best validation, or last
 
 
 @dataclass(frozen=True)
@@ -147,11 +149,12 @@ def parse_data(raw: Any) -> DataConfig:
 
 def parse_train(raw: Any) -> TrainConfig:
     section = _mapping(raw, "train")
-    _keys(section, "train", {"seed", "device", "val_size"})
+    _keys(section, "train", {"seed", "device", "val_size"}, {"keep"})
     return TrainConfig(
         seed=_int(section["seed"], "train.seed", 0),
         device=_choice(section["device"], "train.device", DEVICES),
         val_size=_int(section["val_size"], "train.val_size", 0),
+        keep=_choice(section.get("keep", "best"), "train.keep", KEEP),
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -281,7 +282,10 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
             history = _fit(
                 model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
             )
-        summary = _write_local_results(root, variant, model, recipe, history, num_params, data, run)
+        kept = _keep_epoch(model, history, settings.keep)
+        summary = _write_local_results(
+            root, variant, model, recipe, history, kept, num_params, data, run
+        )
         # The checkpoint is now this run's: the file naming the previous run goes. (Until here, a
         # diverged, interrupted or failed run has left models/<variant>/ as it was.)
         paths.run_info_path(root, variant).unlink(missing_ok=True)
@@ -294,7 +298,9 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
                 f"answers again, `mnist-pipeline evaluate --variant {variant}` records them as a "
                 "new run (or re-run the training)"
             )
-        mlflow.log_metrics({"time/train_seconds": summary["time/train_seconds"]})
+        mlflow.log_metrics(
+            {"time/train_seconds": summary["time/train_seconds"], "kept_epoch": kept}
+        )
         log_model(model)
         write_json_atomic(
             paths.run_info_path(root, variant),
@@ -339,8 +345,26 @@ class EpochLogger:
             )
 
 
+def _keep_epoch(model: nn.Module, history: list[dict], keep: str) -> int:
+    """Load the weights to keep into `model`; return their epoch. "best": the epoch with the
+    highest validation accuracy (the split exists for this; the test set is never consulted);
+    "last", or no validation split: the final epoch."""
+    final = history[-1]["epoch"]
+    if keep != "best" or "val/accuracy" not in history[-1]:
+        return final
+    best = max(history, key=lambda row: (row["val/accuracy"], row["epoch"]))
+    if best["epoch"] != final:
+        model.load_state_dict(best.pop("_state"))
+    for row in history:
+        row.pop("_state", None)
+    return best["epoch"]
+
+
 def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch):
+    """The epochs, each: train, validate, log. Rows of the history carry a copy of the weights
+    while they are the best so far (`_state`), for `_keep_epoch`."""
     history = []
+    best_acc = -1.0
     use_bar = sys.stderr.isatty()
     for epoch in range(1, recipe.epochs + 1):
         bar = None
@@ -374,6 +398,11 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log
             row["val/loss"], row["val/accuracy"] = evaluate_split(model, val_data)
         log_epoch(row, epoch)
         history.append({"epoch": epoch, **row})
+        if val_data is not None and row["val/accuracy"] > best_acc:
+            best_acc = row["val/accuracy"]
+            for earlier in history[:-1]:
+                earlier.pop("_state", None)
+            history[-1]["_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         val = (
             f"val/loss {row['val/loss']:.4f} val/accuracy {row['val/accuracy']:.4f} "
             if val_data is not None
@@ -388,8 +417,9 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log
     return history
 
 
-def _write_local_results(root, variant, model, recipe, history, num_params, data, run):
-    """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics)."""
+def _write_local_results(root, variant, model, recipe, history, kept, num_params, data, run):
+    """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics): the
+    metrics are those of the kept epoch, the timings medians over all epochs."""
     save_checkpoint(
         paths.checkpoint_path(root, variant),
         model,
@@ -399,26 +429,28 @@ def _write_local_results(root, variant, model, recipe, history, num_params, data
         data_checksum=data.checksum,
         num_params=num_params,
         run_id=run.info.run_id,
+        epoch=kept,
     )
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
         lines.append(",".join(f"{row[c]:.6g}" if c in row else "" for c in HISTORY_COLUMNS))
     write_text_atomic(paths.history_path(root, variant), "\n".join(lines) + "\n")
     seconds = [row["time/epoch_seconds"] for row in history]
-    final = history[-1]
+    final = history[kept - 1]
     summary = {
         "params": num_params,
         "epochs": len(history),
+        "kept_epoch": kept,
         **{
             k: final[k]
             for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
             if k in final
         },
         "time/train_seconds": sum(seconds),
-        "time/epoch_seconds": sorted(seconds)[len(seconds) // 2],
-        "time/samples_per_second": sorted(r["time/samples_per_second"] for r in history)[
-            len(history) // 2
-        ],
+        "time/epoch_seconds": statistics.median(seconds),
+        "time/samples_per_second": statistics.median(
+            row["time/samples_per_second"] for row in history
+        ),
     }
     write_json_atomic(paths.train_metrics_path(root, variant), summary)
     return summary
