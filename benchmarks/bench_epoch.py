@@ -30,7 +30,12 @@ from mnist_pipeline.config import load_params, with_overrides
 from mnist_pipeline.dataset import FILES, download, load_dataset
 from mnist_pipeline.models import VARIANTS, build_model, logits_view
 from mnist_pipeline.paths import PARAMS_FILE, data_dir, project_root
-from mnist_pipeline.train import make_optimizer
+
+
+def plain_optimizer(recipe, model) -> torch.optim.Optimizer:
+    """The optimizer as the tutorials (and a bare loop) write it: torch's defaults."""
+    cls = torch.optim.SGD if recipe.optimizer == "sgd" else torch.optim.Adam
+    return cls(model.parameters(), lr=recipe.lr)
 
 
 def tutorial_epochs(variant, recipe, root: Path, dataset: str, epochs: int) -> list[float]:
@@ -48,7 +53,7 @@ def tutorial_epochs(variant, recipe, root: Path, dataset: str, epochs: int) -> l
         )
         torch.manual_seed(0)
         model = build_model(variant, use_dropout=recipe.use_dropout)
-        net, optimizer = logits_view(model), make_optimizer(recipe, model)
+        net, optimizer = logits_view(model), plain_optimizer(recipe, model)
         times = []
         for _ in range(epochs):
             model.train()
@@ -66,7 +71,7 @@ def bare_epochs(variant, recipe, x, y, epochs: int) -> list[float]:
     """The floor: in-memory tensors, index slicing, the model and optimizer, nothing else."""
     torch.manual_seed(0)
     model = build_model(variant, use_dropout=recipe.use_dropout)
-    net, optimizer = logits_view(model), make_optimizer(recipe, model)
+    net, optimizer = logits_view(model), plain_optimizer(recipe, model)
     n, bs = len(y), recipe.batch_size
     times = []
     for _ in range(epochs):
