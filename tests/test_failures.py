@@ -161,6 +161,7 @@ BAD_PARAMS = [
     ("unknown optimizer", _set(VARIANT, "optimizer", "rmsprop"), "'rmsprop' is not one of: sgd"),
     ("unknown device", _set("train", "device", "tpu"), "train.device: 'tpu' is not one of: auto"),
     ("negative val_size", _set("train", "val_size", -1), "train.val_size: must be at least 0"),
+    ("unknown keep", _set("train", "keep", "first"), "train.keep: 'first' is not one of: best"),
     ("negative seed", _set("train", "seed", -3), "train.seed: must be at least 0"),
     (
         "unknown dataset",
