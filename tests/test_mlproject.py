@@ -30,6 +30,7 @@ TRAIN_OVERRIDES = {
     "seed": ("--seed", "3"),
     "device": ("--device", "cpu"),
     "val_size": ("--val-size", "0"),
+    "keep": ("--keep", "last"),
 }
 
 

@@ -100,7 +100,9 @@ def test_metrics_and_plots_show(pipeline):
         assert f"metrics/train/{variant}.json" in files
     sh([DVC, "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
     html = (repo / "dvc_plots" / "index.html").read_text()
-    assert "Confusion matrix" in html and "Training loss per epoch" in html
+    # one curve chart and one confusion matrix per variant, nothing else
+    assert html.count("vegaEmbed(") == 2 * len(VARIANTS)
+    assert "Confusion matrix (test set)" in html and "Loss and accuracy per epoch" in html
 
 
 def test_second_repro_does_nothing_and_one_change_reruns_one_variant(pipeline):

@@ -105,6 +105,14 @@ def train_val_split(data: Dataset, val_size: int, seed: int, device: torch.devic
 # --- the loop ---------------------------------------------------------------------------------
 
 
+def set_cpu_threads(device: torch.device, batch_size: int) -> None:
+    """One intra-op thread for small CPU batches: at batch 32 the work per op is too small to
+    split, and the hand-off costs more than it saves (measured on 2 cores: 1.49 against 1.74 ms
+    per mlp_relu_dropout step); larger batches keep torch's default. OMP_NUM_THREADS wins."""
+    if device.type == "cpu" and batch_size <= 32 and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+
+
 def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The recipe's optimizer, fused where torch has a fused kernel for the device: the same
     update in one kernel per step instead of a few per parameter tensor (about 20% of a
@@ -244,6 +252,7 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
     data = load_dataset(root, params.data.dataset)
     train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
 
+    set_cpu_threads(device, recipe.batch_size)
     torch.manual_seed(settings.seed)
     model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
     optimizer = make_optimizer(recipe, model)
