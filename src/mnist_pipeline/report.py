@@ -73,6 +73,7 @@ def _chart(table, path: Path, dataset: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, col, label in (
@@ -89,6 +90,8 @@ def _chart(table, path: Path, dataset: str) -> None:
                 textcoords="offset points",
             )
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^0, 3x10^0 ... overlapped
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy, %")

@@ -134,13 +134,14 @@ def train_epoch(
 ) -> tuple[float, float]:
     """One pass over `data` (shuffled when a generator is given); the mean loss and accuracy.
 
-    The running sums stay on the device: no host synchronisation inside the epoch.
+    Per step, the metrics cost one kernel (the argmax) and no host synchronisation; losses and
+    predictions are reduced once, after the epoch.
     """
     model.train()
     net = logits_view(model)
     n = len(data.y)
     order = torch.randperm(n, generator=generator).to(data.x.device) if generator else None
-    losses, hits = [], []
+    losses, preds = [], []
     for start in range(0, n, batch_size):
         if order is None:
             xb, yb = data.x[start : start + batch_size], data.y[start : start + batch_size]
@@ -153,12 +154,13 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        hits.append((logits.detach().argmax(1) == yb).sum())
+        preds.append(logits.detach().argmax(1))
         if progress is not None:
             progress.update(len(yb))
     sizes = torch.tensor([min(batch_size, n - s) for s in range(0, n, batch_size)])
     mean_loss = (torch.stack(losses).cpu() * sizes).sum() / n
-    return mean_loss.item(), torch.stack(hits).sum().item() / n
+    targets = data.y if order is None else data.y[order]
+    return mean_loss.item(), (torch.cat(preds) == targets).sum().item() / n
 
 
 @torch.no_grad()
@@ -277,62 +279,63 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
         parent_run_id=parent_run_id,
         log_system_metrics=True,
     )
-    status = "FAILED"
-    try:
-        mlflow.log_params(
-            {
-                "variant": variant,
-                **dataclasses.asdict(recipe),
-                **dataclasses.asdict(settings),
-                "device_resolved": device.type,
-                "dataset": data.name,
-                "train_size": len(train_data.y),
-                "num_params": num_params,
-            }
-        )
-        mlflow.log_text(summary_text(model), "model_summary.txt")
-        log_epoch = EpochLogger()
-        with sigterm_as_exception():
+    # From here on SIGTERM ends the run KILLED like Ctrl-C does, checkpoint writing included.
+    with sigterm_as_exception():
+        status = "FAILED"
+        try:
+            mlflow.log_params(
+                {
+                    "variant": variant,
+                    **dataclasses.asdict(recipe),
+                    **dataclasses.asdict(settings),
+                    "device_resolved": device.type,
+                    "dataset": data.name,
+                    "train_size": len(train_data.y),
+                    "num_params": num_params,
+                }
+            )
+            mlflow.log_text(summary_text(model), "model_summary.txt")
+            log_epoch = EpochLogger()
             history = _fit(
                 model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
             )
-        kept = _keep_epoch(model, history, settings.keep)
-        summary = _write_local_results(
-            root, variant, model, recipe, history, kept, num_params, data, run
-        )
-        # The checkpoint is now this run's: the file naming the previous run goes. (Until here, a
-        # diverged, interrupted or failed run has left models/<variant>/ as it was.)
-        paths.run_info_path(root, variant).unlink(missing_ok=True)
-        if log_epoch.error is not None:
-            raise PipelineError(
-                f"{variant}: the tracking store at {uri} failed during training "
-                f"({log_epoch.error}); training finished and its results are saved "
-                f"({paths.checkpoint_path(root, variant).relative_to(root)}, "
-                f"{paths.train_metrics_path(root, variant).relative_to(root)}). When the store "
-                f"answers again, `mnist-pipeline evaluate --variant {variant}` records them as a "
-                "new run (or re-run the training)"
+            kept = _keep_epoch(model, history, settings.keep)
+            summary = _write_local_results(
+                root, variant, model, recipe, history, kept, num_params, data, run
             )
-        mlflow.log_metrics(
-            {"time/train_seconds": summary["time/train_seconds"], "kept_epoch": kept}
-        )
-        log_model(model)
-        write_json_atomic(
-            paths.run_info_path(root, variant),
-            {
-                "run_id": run.info.run_id,
-                "experiment_id": experiment_id,
-                "tracking_uri": uri,
-            },
-        )
-        status = "FINISHED"
-    except (KeyboardInterrupt, Terminated):
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            mlflow.end_run(status)
-        except Exception:  # the store is gone; what matters is saved locally
-            log.warning("could not mark the MLflow run %s as %s", run.info.run_id, status)
+            # The checkpoint is now this run's: the file naming the previous run goes. (Until
+            # here, a diverged, interrupted or failed run has left models/<variant>/ as it was.)
+            paths.run_info_path(root, variant).unlink(missing_ok=True)
+            if log_epoch.error is not None:
+                raise PipelineError(
+                    f"{variant}: the tracking store at {uri} failed during training "
+                    f"({log_epoch.error}); training finished and its results are saved "
+                    f"({paths.checkpoint_path(root, variant).relative_to(root)}, "
+                    f"{paths.train_metrics_path(root, variant).relative_to(root)}). When the "
+                    f"store answers again, `mnist-pipeline evaluate --variant {variant}` records "
+                    "them as a new run (or re-run the training)"
+                )
+            mlflow.log_metrics(
+                {"time/train_seconds": summary["time/train_seconds"], "kept_epoch": kept}
+            )
+            log_model(model)
+            write_json_atomic(
+                paths.run_info_path(root, variant),
+                {
+                    "run_id": run.info.run_id,
+                    "experiment_id": experiment_id,
+                    "tracking_uri": uri,
+                },
+            )
+            status = "FINISHED"
+        except (KeyboardInterrupt, Terminated):
+            status = "KILLED"
+            raise
+        finally:
+            try:
+                mlflow.end_run(status)
+            except Exception:  # the store is gone; what matters is saved locally
+                log.warning("could not mark the MLflow run %s as %s", run.info.run_id, status)
     return TrainResult(run.info.run_id, history, paths.checkpoint_path(root, variant), num_params)
 
 
