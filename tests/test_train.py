@@ -205,3 +205,29 @@ def test_bad_recipe_is_one_line_exit_2_and_no_run(tiny_data, capsys, args, messa
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tiny_data / "mlflow.db").exists()
     assert not (tiny_data / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "keep", "kept"),
+    [
+        ([0.90, 0.95, 0.93], "best", 2),
+        ([0.90, 0.95, 0.95], "best", 2),  # a tie keeps the first epoch to get there
+        ([0.90, 0.93, 0.95], "best", 3),
+        ([0.90, 0.95, 0.93], "last", 3),
+    ],
+)
+def test_the_checkpoint_keeps_the_best_validation_epoch(accuracies, keep, kept):
+    from mnist_pipeline.train import _keep_epoch
+
+    model = build_model("logistic_regression")
+    history, best = [], -1.0
+    for epoch, acc in enumerate(accuracies, start=1):
+        with torch.no_grad():
+            model[1].bias.fill_(epoch)  # the weights say which epoch they are from
+        history.append({"epoch": epoch, "val/accuracy": acc})
+        if acc > best:  # what _fit keeps
+            best = acc
+            history[-1]["_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert _keep_epoch(model, history, keep) == kept
+    assert model[1].bias[0].item() == kept
+    assert not any("_state" in row for row in history)

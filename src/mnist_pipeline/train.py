@@ -366,15 +366,15 @@ def _keep_epoch(model: nn.Module, history: list[dict], keep: str) -> int:
     """Load the weights to keep into `model`; return their epoch. "best": the epoch with the
     highest validation accuracy (the split exists for this; the test set is never consulted);
     "last", or no validation split: the final epoch."""
+    states = {row["epoch"]: row.pop("_state") for row in history if "_state" in row}
     final = history[-1]["epoch"]
     if keep != "best" or "val/accuracy" not in history[-1]:
         return final
-    best = max(history, key=lambda row: (row["val/accuracy"], row["epoch"]))
-    if best["epoch"] != final:
-        model.load_state_dict(best.pop("_state"))
-    for row in history:
-        row.pop("_state", None)
-    return best["epoch"]
+    # The first epoch to reach the best accuracy: the one whose weights _fit kept.
+    best = max(history, key=lambda row: (row["val/accuracy"], -row["epoch"]))["epoch"]
+    if best != final:
+        model.load_state_dict(states[best])
+    return best
 
 
 def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch):
