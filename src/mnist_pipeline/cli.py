@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, first_line
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -133,9 +133,7 @@ def _environment_error(err: BaseException) -> str | None:
         return f"{err.strerror or err}{where}"
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
     if mlflow_exceptions is not None and isinstance(err, mlflow_exceptions.MlflowException):
-        text = str(err).strip()
-        first = text.splitlines()[0][:300] if text else type(err).__name__
-        return f"MLflow: {first}"
+        return f"MLflow: {first_line(err, limit=300)}"
     return None
 
 

@@ -15,3 +15,10 @@ class PipelineError(Exception):
 class ConfigError(PipelineError):
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters, for one-line errors
+    (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -24,7 +24,7 @@ from torch import nn
 from mnist_pipeline import paths
 from mnist_pipeline.config import Params
 from mnist_pipeline.dataset import file_md5, load_dataset
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
 from mnist_pipeline.models import NUM_CLASSES, VARIANTS, build_model, logits_view
 from mnist_pipeline.train import CHECKPOINT_FORMAT, as_float, resolve_device
@@ -48,8 +48,7 @@ def load_checkpoint(path: Path, variant: str | None = None) -> tuple[nn.Sequenti
         # Not torch's message: it suggests weights_only=False, i.e. running the file's code.
         raise PipelineError(f"{refuse} (it holds more than tensors and plain values)") from None
     except Exception as err:  # a foreign file fails torch.load in many ways (KeyError included)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PipelineError(f"{refuse} ({first[:200]})") from None
+        raise PipelineError(f"{refuse} ({first_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise PipelineError(f"{refuse} (missing format marker {CHECKPOINT_FORMAT!r})")
     name = payload.get("variant")

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
@@ -81,7 +81,7 @@ def _open_sqlite_store(uri: str) -> None:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
             mlflow.MlflowClient(tracking_uri=uri)  # MLflow keeps this store for the process
     except (MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+        first = first_line(err)
         raise PipelineError(
             f"cannot open the MLflow tracking store {uri} ({first}); check the file and its "
             "folder are writable, or point MLFLOW_TRACKING_URI elsewhere"

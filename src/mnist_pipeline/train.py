@@ -31,7 +31,7 @@ from torch import nn
 from mnist_pipeline import paths
 from mnist_pipeline.config import Params, Recipe
 from mnist_pipeline.dataset import Dataset, load_dataset
-from mnist_pipeline.errors import ConfigError, PipelineError
+from mnist_pipeline.errors import ConfigError, PipelineError, first_line
 from mnist_pipeline.fileio import write_atomic, write_json_atomic, write_text_atomic
 from mnist_pipeline.models import build_model, count_parameters, logits_view, summary_text
 
@@ -354,7 +354,7 @@ class EpochLogger:
         try:
             mlflow.log_metrics(row, step=epoch)
         except Exception as err:
-            self.error = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            self.error = first_line(err)
             print(
                 f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
                 "training continues",
