@@ -4,8 +4,10 @@ short epoch per variant. No test needs the network or the real data set."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +61,19 @@ def tiny_mirror(tmp_path_factory) -> Mirror:
     return Mirror(folder=folder, raw=raw, checksums=checksums)
 
 
+@functools.cache
+def committed_params_text() -> str:
+    """params.yaml as committed (HEAD), never the working tree's: `dvc exp run -S ...` applies an
+    experiment to the working tree, and the tests must not depend on which one ran last."""
+    out = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
 def tiny_params(epochs: int = 1, val_size: int = 100) -> dict:
-    """The real params.yaml, every variant shrunk to `epochs` short epochs on CPU."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The committed params.yaml, every variant shrunk to `epochs` short epochs on CPU."""
+    params = yaml.safe_load(committed_params_text())
     params["train"].update(device="cpu", val_size=val_size)
     for recipe in params["variants"].values():
         recipe["epochs"] = epochs

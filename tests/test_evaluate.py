@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from mnist_pipeline import paths
+from mnist_pipeline.checkpoint import FORMAT
+from mnist_pipeline.checkpoint import load as load_checkpoint
 from mnist_pipeline.cli import main
 from mnist_pipeline.config import load_params
+from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.evaluate import classification_metrics, evaluate, load_checkpoint
+from mnist_pipeline.evaluate import DVC_METRICS, classification_metrics, evaluate
 from mnist_pipeline.train import train
 
 
@@ -38,8 +41,9 @@ def test_evaluate_logs_into_the_training_run(tiny_data):
     metrics = evaluate(params, "ffn1_relu", root)
 
     saved = json.loads(paths.test_metrics_path(root, "ffn1_relu").read_text())
-    assert saved == metrics
-    assert {"test/loss", "test/accuracy", "test/f1_macro", "test/accuracy_class_9"} <= set(saved)
+    # DVC's metrics file: what a person compares; per-class figures go to MLflow
+    assert set(saved) == set(DVC_METRICS)
+    assert saved["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
     rows = paths.predictions_path(root, "ffn1_relu").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 200
 
@@ -48,6 +52,32 @@ def test_evaluate_logs_into_the_training_run(tiny_data):
     assert runs[0].data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= names
+    assert "evaluation/per_class.csv" in names
+    # the test set as an evaluation input; the test figures linked to the logged model
+    contexts = {i.tags[0].value: i.dataset.name for i in runs[0].inputs.dataset_inputs}
+    assert contexts["evaluation"] == "mnist-test"
+    logged = mlflow.get_logged_model(result.model_id)
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["test/accuracy"].value == pytest.approx(metrics["test/accuracy"])
+    assert linked["test/accuracy"].dataset_name == "mnist-test"
+
+
+def test_an_identical_retrain_is_evaluated_in_its_latest_run(tiny_data):
+    """Same recipe, same bytes: DVC would skip evaluate; run by hand, it logs into the latest
+    run that wrote those bytes, and `compare` credits both runs with the accuracy."""
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    first = train(params, "logistic_regression", root)
+    second = train(params, "logistic_regression", root)
+    evaluate(params, "logistic_regression", root)
+    client = mlflow.MlflowClient()
+    assert "test/accuracy" in client.get_run(second.run_id).data.metrics
+    assert "test/accuracy" not in client.get_run(first.run_id).data.metrics
+
+    from mnist_pipeline.compare import training_runs
+
+    runs = training_runs(f"sqlite:///{root / 'mlflow.db'}", "mnist-pipeline-mnist")
+    assert runs["test/accuracy"].notna().all() and len(runs) == 2
 
 
 def test_checkpoint_from_another_store_gets_a_new_linked_run(tiny_data, monkeypatch):
@@ -63,12 +93,19 @@ def test_checkpoint_from_another_store_gets_a_new_linked_run(tiny_data, monkeypa
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.run_id != trained.run_id and run.info.status == "FINISHED"
     assert run.data.tags["run.source"] == "checkpoint"
-    assert run.data.tags["checkpoint.training_run_id"] == trained.run_id
+    assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, "ffn2_relu"))
+    assert run.data.tags["run.kind"] == "pipeline"
     assert run.data.params["lr"] == str(params.variants["ffn2_relu"].lr)
     assert "test/accuracy" in run.data.metrics
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1]
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    assert logged.name == "ffn2_relu"
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
     assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
 
 
@@ -85,7 +122,7 @@ class Exploit:
         pytest.param(lambda path: torch.save({"state_dict": {}}, path), id="foreign-dict"),
         pytest.param(
             lambda path: torch.save(
-                {"format": "mnist-pipeline/checkpoint/1", "variant": "ffn1_relu", "state_dict": {}},
+                {"format": FORMAT, "variant": "ffn1_relu", "state_dict": {}},
                 path,
             ),
             id="wrong-weights",

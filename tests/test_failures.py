@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import os
 import pickle
 import shutil
@@ -70,7 +69,7 @@ def files_under(root: Path, *folders: str) -> dict[str, bytes]:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    return files_under(root, "models", "metrics", "plots")
+    return files_under(root, "models", "metrics", "plots", "one-off")
 
 
 def runs(root: Path) -> list[mlflow.entities.Run]:
@@ -78,6 +77,11 @@ def runs(root: Path) -> list[mlflow.entities.Run]:
     return client.search_runs(
         [e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"]
     )
+
+
+def set_recipe(root: Path, **values: object) -> None:
+    """Change VARIANT's recipe in params.yaml: a pipeline run (DVC's outputs), not a one-off."""
+    edit_params(root, lambda params: params["variants"][VARIANT].update(values))
 
 
 def edit_params(root: Path, change: Callable[[dict], object]) -> None:
@@ -335,7 +339,8 @@ def test_a_bad_mirror_through_the_cli(tiny_env, tiny_mirror, tmp_path, monkeypat
 def test_diverging_loss_stops_at_once_and_keeps_the_previous_model(trained, capsys):
     before = outputs(trained)
 
-    code, err = cli(capsys, "train", "--variant", VARIANT, "--lr", "1e30", "--epochs", "5")
+    set_recipe(trained, lr=1e30, epochs=5)
+    code, err = cli(capsys, "train", "--variant", VARIANT)
 
     assert code == 1
     line = one_line(err)
@@ -356,7 +361,8 @@ def test_infinite_loss_in_a_later_epoch_names_that_epoch(project, capsys, monkey
         return (float("inf") if len(calls) == 2 else loss), acc
 
     monkeypatch.setattr(train_module, "train_epoch", epoch_then_inf)
-    code, err = cli(capsys, "train", "--variant", VARIANT, "--epochs", "5")
+    set_recipe(project, epochs=5)
+    code, err = cli(capsys, "train", "--variant", VARIANT)
 
     assert code == 1
     assert "training loss became inf in epoch 2" in one_line(err)
@@ -392,9 +398,10 @@ def test_a_signal_mid_run_ends_it_killed_and_saves_nothing(
     project, capsys, tmp_path, sig, code, said
 ):
     stderr = tmp_path / "stderr.txt"
+    set_recipe(project, epochs=1000)
     with stderr.open("w") as err_file:
         proc = python_cli(
-            *("train", "--variant", VARIANT, "--epochs", "1000"),
+            *("train", "--variant", VARIANT),
             cwd=project,
             stdout=subprocess.PIPE,
             stderr=err_file,
@@ -416,12 +423,12 @@ def test_a_signal_mid_run_ends_it_killed_and_saves_nothing(
     assert outputs(project) == {}  # no partial checkpoint, metrics or plot, no temporary file
 
     # The next run of the variant (what `dvc repro` does: its outputs are missing) starts clean.
+    set_recipe(project, epochs=1)
     assert cli(capsys, "train", "--variant", VARIANT)[0] == 0
     killed, finished = runs(project)
     assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
-    assert torch.load(paths.checkpoint_path(project, VARIANT), weights_only=True)["run_id"] == (
-        finished.info.run_id
-    )
+    checkpoint = paths.checkpoint_path(project, VARIANT)
+    assert finished.data.tags["checkpoint.md5"] == file_md5(checkpoint)
 
 
 def _no_space(*args, **kwargs):
@@ -473,7 +480,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, capsys, monkeypatch,
 
         monkeypatch.setattr(fileio.os, "replace", replace)
 
-    code, err = cli(capsys, "train", "--variant", VARIANT, "--lr", "0.05")
+    set_recipe(trained, lr=0.05)
+    code, err = cli(capsys, "train", "--variant", VARIANT)
 
     assert code == 1
     line = one_line(err)
@@ -520,7 +528,7 @@ def _check_relogged(root: Path, store_uri: str, lost_run_id: str, capsys) -> Non
     assert len(new) == 1
     run = new[0]
     assert run.info.status == "FINISHED" and run.info.run_id != lost_run_id
-    assert run.data.tags["checkpoint.training_run_id"] == lost_run_id
+    assert run.data.tags["run.kind"] == "pipeline"
     checkpoint = paths.checkpoint_path(root, VARIANT)
     assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
     assert "test/accuracy" in run.data.metrics
@@ -543,7 +551,8 @@ def test_tracking_store_failing_mid_run(project, capsys, monkeypatch):
         return real_log_metrics(metrics, step=step, **kwargs)
 
     monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
-    code, err = cli(capsys, "train", "--variant", VARIANT, "--epochs", "3")
+    set_recipe(project, epochs=3)
+    code, err = cli(capsys, "train", "--variant", VARIANT)
     store_down[0] = False  # the store answers again
 
     assert code == 1
@@ -554,11 +563,11 @@ def test_tracking_store_failing_mid_run(project, capsys, monkeypatch):
     assert "training finished and its results are saved (models/ffn1_relu/model.pt" in line
     assert "`mnist-pipeline evaluate --variant ffn1_relu` records them as a new run" in line
     assert calls == [1, 2]  # after the first error, no more tries...
-    summary = json.loads(paths.train_metrics_path(project, VARIANT).read_text())
-    assert summary["epochs"] == 3  # ...and training went on to the end
+    history = paths.history_path(project, VARIANT).read_text().splitlines()
+    assert len(history) == 1 + 3  # ...and training went on to the end
     (lost,) = runs(project)
     assert lost.info.status == "FAILED"
-    assert not paths.run_info_path(project, VARIANT).exists()  # no claim it is in the store
+    assert "checkpoint.md5" not in lost.data.tags  # no claim it holds the checkpoint
 
     _check_relogged(project, f"sqlite:///{project / 'mlflow.db'}", lost.info.run_id, capsys)
 
@@ -617,19 +626,21 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
             server.wait()
 
     monkeypatch.setattr(train_module.EpochLogger, "__call__", log_then_die)
-    code, err = cli(capsys, "train", "--variant", VARIANT, "--epochs", "3")
+    set_recipe(project, epochs=3)
+    code, err = cli(capsys, "train", "--variant", VARIANT)
     _stop_system_metrics()
 
     assert code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert f"the tracking store at {url} failed during training" in line
     assert "`mnist-pipeline evaluate --variant ffn1_relu` records them as a new run" in line
-    assert json.loads(paths.train_metrics_path(project, VARIANT).read_text())["epochs"] == 3
-    lost_run_id = torch.load(paths.checkpoint_path(project, VARIANT), weights_only=True)["run_id"]
+    assert len(paths.history_path(project, VARIANT).read_text().splitlines()) == 1 + 3
 
     # The store answers again (here: its database, read directly) and the advice works.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (lost,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    lost_run_id = lost.info.run_id
     steps = [m.step for m in client.get_metric_history(lost_run_id, "train/loss")]
     assert steps == [1]  # what reached the server before it died
     _check_relogged(project, f"sqlite:///{db}", lost_run_id, capsys)
@@ -727,5 +738,5 @@ def test_two_trainings_at_once_on_a_fresh_local_store(tiny_data, tmp_path):
             output_format="list",
         )
         assert model.status == "READY"  # (loading it back: test_train.py)
-        info = json.loads(paths.run_info_path(tiny_data, variant).read_text())
-        assert info["run_id"] == run.info.run_id
+        checkpoint = paths.one_off_outputs(tiny_data, variant).checkpoint  # (--epochs 2)
+        assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)

@@ -30,6 +30,15 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
+def per_variant(*variants: str) -> list[str]:
+    """The stages dvc.yaml runs for these variants (train, evaluate, and export if present)."""
+    kinds = [k for k in ("train", "evaluate", "export") if k in yaml.safe_load(DVC_YAML)["stages"]]
+    return [f"{kind}@{v}" for kind in kinds for v in variants]
+
+
+DVC_YAML = (REPO / "dvc.yaml").read_text()
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_mirror):
     """A git + DVC repository with the project copied in, after one full `dvc repro`."""
@@ -45,6 +54,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
         "MNIST_MIRROR": str(tiny_mirror.folder),
         "MNIST_CHECKSUMS_FILE": str(tiny_mirror.checksums),
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
+        "MNIST_PIPELINE_HOST": "pipeline-test",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "test",
         "GIT_AUTHOR_EMAIL": "test@localhost",
@@ -62,9 +72,8 @@ def pipeline(tmp_path_factory, tiny_mirror):
 
 def test_all_stages_run(pipeline):
     repo, _, first = pipeline
-    expected = ["download"]
-    expected += [f"train@{v}" for v in VARIANTS] + [f"evaluate@{v}" for v in VARIANTS]
-    assert sorted(ran_stages(first)) == sorted([*expected, "report"])
+    expected = ["download", *per_variant(*VARIANTS), "report"]
+    assert sorted(ran_stages(first)) == sorted(expected)
     for variant in VARIANTS:
         assert (repo / "models" / variant / "model.pt").is_file()
         assert (repo / "plots" / "train" / f"{variant}.csv").is_file()
@@ -81,14 +90,42 @@ def test_one_run_per_variant_with_test_metrics(pipeline):
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(VARIANTS)
     for run in runs:
+        variant = run.data.tags["variant"]
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"{variant}@pipeline-test"  # variant and host, at a glance
+        assert run.data.tags["run.kind"] == "pipeline"
         assert "test/accuracy" in run.data.metrics
-        assert run.data.tags["dvc.stage"] == f"train@{run.data.tags['variant']}"
+        assert run.data.tags["dvc.stage"] == f"train@{variant}"
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert {"training", "validation", "evaluation"} <= set(inputs)
+        assert all(len(ds.digest) == 32 for ds in inputs.values())
         artifacts = {
             a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")
         }
         assert "evaluation/confusion_matrix.png" in artifacts
         assert "evaluation/misclassified.png" in artifacts
+
+
+def test_the_models_tab_ranks_the_variants_by_test_accuracy(pipeline):
+    """Each variant's logged model is named for it and carries its test accuracy (and the test
+    set), so MLflow ranks them with no set-up; each is registered, the first version champion."""
+    repo, _, _ = pipeline
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mnist-pipeline-mnist")
+    ranked = mlflow.search_logged_models(
+        experiment_ids=[experiment.experiment_id],
+        filter_string="metrics.`test/accuracy` >= 0",
+        order_by=[{"field_name": "metrics.test/accuracy", "ascending": False}],
+        output_format="list",
+    )
+    assert sorted(m.name for m in ranked) == sorted(VARIANTS)
+    accuracy = [{x.key: x for x in m.metrics}["test/accuracy"] for m in ranked]
+    assert [a.value for a in accuracy] == sorted((a.value for a in accuracy), reverse=True)
+    assert {a.dataset_name for a in accuracy} == {"mnist-test"}
+    client = mlflow.MlflowClient()
+    for variant in VARIANTS:
+        champion = client.get_model_version_by_alias(f"mnist-{variant}", "champion")
+        assert champion.tags["host"] == "pipeline-test"
 
 
 def test_metrics_and_plots_show(pipeline):
@@ -115,4 +152,35 @@ def test_second_repro_does_nothing_and_one_change_reruns_one_variant(pipeline):
     params["variants"]["ffn1_tanh"]["lr"] = 0.05
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh([DVC, "repro"], repo, env)
-    assert sorted(ran_stages(third)) == ["evaluate@ffn1_tanh", "report", "train@ffn1_tanh"]
+    assert sorted(ran_stages(third)) == sorted([*per_variant("ffn1_tanh"), "report"])
+
+
+def test_an_identical_retrain_reruns_nothing_downstream(pipeline):
+    """Same code, data, params and seed: the same bytes, so evaluate stays up to date."""
+    repo, env, _ = pipeline
+    checkpoint = repo / "models" / "logistic_regression" / "model.pt"
+    before = checkpoint.read_bytes()
+    forced = sh([DVC, "repro", "-f", "train@logistic_regression"], repo, env)
+    assert "train@logistic_regression" in ran_stages(forced)  # (and its upstream, download)
+    assert not [stage for stage in ran_stages(forced) if stage.startswith(("evaluate", "report"))]
+    assert checkpoint.read_bytes() == before
+    status = sh([DVC, "status"], repo, env)
+    assert "up to date" in status.lower(), status
+    assert ran_stages(sh([DVC, "repro"], repo, env)) == []
+
+
+def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
+    repo, env, _ = pipeline
+    cli = str(Path(sys.executable).with_name("mnist-pipeline"))
+    out = sh([cli, "train", "--variant", "ffn1_relu", "--epochs", "2"], repo, env)
+    assert "one-off" in out
+    assert (repo / "one-off" / "ffn1_relu" / "model.pt").is_file()
+    assert "up to date" in sh([DVC, "status"], repo, env).lower()
+    assert "one-off" not in sh(["git", "status", "--porcelain"], repo, env)  # git-ignored
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`run.kind` = 'one-off'",
+        output_format="list",
+    )
+    assert run.data.tags["variant"] == "ffn1_relu" and run.data.params["epochs"] == "2"

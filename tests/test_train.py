@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from mnist_pipeline import paths
 from mnist_pipeline.cli import main
 from mnist_pipeline.config import load_params
+from mnist_pipeline.dataset import file_md5
+from mnist_pipeline.device import resolve_device
 from mnist_pipeline.models import VARIANTS, build_model, logits_view
-from mnist_pipeline.train import Split, evaluate_split, resolve_device, train, train_epoch
+from mnist_pipeline.train import Split, evaluate_split, train, train_epoch
 from tests.conftest import make_images
 
 EPOCH_METRICS = (
@@ -97,7 +99,9 @@ def test_one_complete_mlflow_run(tiny_data, variant):
     assert [r.info.run_id for r in runs] == [result.run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == variant
+    assert run.info.run_name == f"{variant}@{run.data.tags['host']}"
+    assert run.data.tags["run.kind"] == "pipeline"
+    assert variant in run.data.tags["mlflow.note.content"]  # the run's description
     # parameters: the recipe, the shared settings, the data and the size
     recipe = params.variants[variant]
     assert run.data.params["variant"] == variant
@@ -129,35 +133,84 @@ def test_one_complete_mlflow_run(tiny_data, variant):
     ):
         assert tags.get(key), key
     assert tags["device"] == "cpu" and tags["data.dataset"] == "mnist"
-    # system metrics are MLflow's own
-    assert any(k.startswith("system/") for k in run.data.metrics)
+    # the data set, as MLflow dataset inputs with a content digest, by context
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert inputs["training"].name == "mnist-train" and len(inputs["training"].digest) == 32
     # the summary and the model
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "model_summary.txt" in artifacts
     summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
     assert "Total params" in summary
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    # the logged model: named after the variant, probabilities out, the kept epoch's
+    # validation figures linked to it
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    assert logged.name == variant and logged.model_id == result.model_id
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["val/accuracy"].dataset_name == "mnist-validation"
+    model = mlflow.pyfunc.load_model(f"models:/{result.model_id}")
     for n in (1, 5):
         out = np.asarray(model.predict(np.random.rand(n, 1, 28, 28).astype(np.float32)))
         assert out.shape == (n, 10)
-    # the checkpoint, the run id beside it, the DVC metrics and plots files
+        assert np.allclose(out.sum(axis=1), 1, atol=1e-5)
+    # the checkpoint (found from the run by its bytes), the DVC metrics and plots files
     ckpt = torch.load(paths.checkpoint_path(root, variant), weights_only=True)
     assert ckpt["variant"] == variant and ckpt["recipe"]["lr"] == recipe.lr
-    info = json.loads(paths.run_info_path(root, variant).read_text())
-    assert info["run_id"] == result.run_id
+    assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, variant))
     summary_metrics = json.loads(paths.train_metrics_path(root, variant).read_text())
-    assert summary_metrics["epochs"] == recipe.epochs and "val/accuracy" in summary_metrics
+    assert summary_metrics["kept_epoch"] == recipe.epochs and "val/accuracy" in summary_metrics
+    assert not any(k.startswith("time/") for k in summary_metrics)  # timings: MLflow only
     header = paths.history_path(root, variant).read_text().splitlines()[0]
-    assert header.split(",") == ["epoch", *EPOCH_METRICS[:4], *EPOCH_METRICS[4:]]
+    assert header.split(",") == ["epoch", *EPOCH_METRICS[:4]]
 
 
-def test_same_seed_same_metrics(tiny_data):
+def test_same_recipe_same_bytes(tiny_data):
+    """Two trainings with one recipe and seed: the same DVC outputs, byte for byte; two runs."""
     root = tiny_data
     params = load_params(root / "params.yaml")
-    first = train(params, "mlp_relu_dropout", root).history
-    second = train(params, "mlp_relu_dropout", root).history
+    files = (
+        paths.checkpoint_path(root, "mlp_relu_dropout"),
+        paths.train_metrics_path(root, "mlp_relu_dropout"),
+        paths.history_path(root, "mlp_relu_dropout"),
+    )
+    first = train(params, "mlp_relu_dropout", root)
+    before = [p.read_bytes() for p in files]
+    second = train(params, "mlp_relu_dropout", root)
+    assert [p.read_bytes() for p in files] == before
+    assert first.run_id != second.run_id
     strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in h]  # noqa: E731
-    assert strip(first) == strip(second)
+    assert strip(first.history) == strip(second.history)
+
+
+def test_a_one_off_recipe_leaves_the_pipeline_outputs_alone(tiny_data):
+    root = tiny_data
+    assert main(["train", "--variant", "ffn1_relu"]) == 0
+    pipeline = paths.pipeline_outputs(root, "ffn1_relu")
+    files = (pipeline.checkpoint, pipeline.train_metrics, pipeline.history)
+    before = [p.read_bytes() for p in files]
+    assert main(["train", "--variant", "ffn1_relu", "--epochs", "2", "--lr", "0.05"]) == 0
+    assert [p.read_bytes() for p in files] == before
+    one_off = paths.one_off_outputs(root, "ffn1_relu")
+    assert one_off.checkpoint.is_file() and one_off.checkpoint.parent == root / "one-off/ffn1_relu"
+    kinds = {r.data.params["epochs"]: r.data.tags["run.kind"] for r in _runs(root)}
+    assert kinds == {"1": "pipeline", "2": "one-off"}
+    # evaluate scores the one-off checkpoint where it is, into its own run
+    assert main(["evaluate", "--variant", "ffn1_relu", "--one-off"]) == 0
+    assert one_off.test_metrics.is_file() and not pipeline.test_metrics.exists()
+    evaluated = [r for r in _runs(root) if "test/accuracy" in r.data.metrics]
+    assert [r.data.tags["run.kind"] for r in evaluated] == ["one-off"]
+
+
+def test_an_override_equal_to_params_is_the_pipeline_recipe(tiny_data):
+    """`--lr 0.1` where params.yaml says 0.1 is the pipeline's recipe: DVC's outputs."""
+    lr = load_params(tiny_data / "params.yaml").recipe("ffn1_relu").lr
+    assert main(["train", "--variant", "ffn1_relu", "--lr", str(lr)]) == 0
+    assert paths.checkpoint_path(tiny_data, "ffn1_relu").is_file()
+    assert not (tiny_data / "one-off").exists()
 
 
 def test_logged_model_loads_without_this_package(tiny_data):
@@ -166,9 +219,10 @@ def test_logged_model_loads_without_this_package(tiny_data):
     code = f"""
 import sys, numpy as np, mlflow
 mlflow.set_tracking_uri("sqlite:///{root / "mlflow.db"}")
-model = mlflow.pyfunc.load_model("runs:/{result.run_id}/model")
+model = mlflow.pyfunc.load_model("models:/{result.model_id}")
 out = np.asarray(model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32)))
 assert out.shape == (3, 10), out.shape
+assert np.allclose(out.sum(axis=1), 1, atol=1e-5), out.sum(axis=1)
 assert not any(m.startswith("mnist_pipeline") for m in sys.modules)
 print("ok")
 """
@@ -183,6 +237,7 @@ def test_cli_overrides_the_recipe(tiny_data):
     assert main(["train", "--variant", "ffn1_relu", "--epochs", "2", "--lr", "0.05"]) == 0
     (run,) = _runs(tiny_data)
     assert run.data.params["epochs"] == "2" and float(run.data.params["lr"]) == 0.05
+    assert run.data.tags["run.kind"] == "one-off"
 
 
 @pytest.mark.parametrize(

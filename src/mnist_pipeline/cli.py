@@ -1,8 +1,10 @@
 """`mnist-pipeline`: one subcommand per pipeline stage (dvc.yaml and MLproject call these).
 
     mnist-pipeline download
-    mnist-pipeline train --variant ffn1_relu [--epochs 1 --lr 0.05 ...]
-    mnist-pipeline evaluate --variant ffn1_relu
+    mnist-pipeline train --variant ffn1_relu                  # the params.yaml recipe (DVC's)
+    mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/
+    mnist-pipeline evaluate --variant ffn1_relu [--one-off]
+    mnist-pipeline export --variant ffn1_relu
     mnist-pipeline report
     mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--csv out.csv]
 
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score one variant's checkpoint on the test set")
     evaluate.add_argument("--variant", required=True)
+    evaluate.add_argument(
+        "--one-off",
+        action="store_true",
+        help="score the one-off training's checkpoint (one-off/<variant>/), not the pipeline's",
+    )
+
+    export = sub.add_parser("export", help="ONNX and int8 ONNX forms of one variant, measured")
+    export.add_argument("--variant", required=True)
 
     sub.add_parser("report", help="table and chart of every variant under reports/")
 
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--hosts", help="comma-separated host labels to keep")
     compare.add_argument(
         "--all-runs", action="store_true", help="every run, not the latest per group"
+    )
+    compare.add_argument(
+        "--one-off", action="store_true", help="include one-off runs (recipes not in params.yaml)"
     )
     compare.add_argument("--csv", type=Path, help="also write the table as CSV")
     compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
@@ -80,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
 
         download(params.data, root)
     elif args.command == "train":
+        from mnist_pipeline.paths import one_off_outputs
         from mnist_pipeline.train import train
 
         check_variant(args.variant)
-        params = with_overrides(
+        recipe = with_overrides(
             params,
             args.variant,
             optimizer=args.optimizer,
@@ -97,11 +111,20 @@ def run(args: argparse.Namespace) -> int:
             val_size=args.val_size,
             keep=args.keep,
         )
-        train(params, args.variant, root)
+        # A recipe other than params.yaml's is a one-off: it must not touch DVC's outputs.
+        one_off = recipe != params
+        train(recipe, args.variant, root, one_off_outputs(root, args.variant) if one_off else None)
     elif args.command == "evaluate":
         from mnist_pipeline.evaluate import evaluate
+        from mnist_pipeline.paths import one_off_outputs
 
-        evaluate(params, check_variant(args.variant), root)
+        check_variant(args.variant)
+        outputs = one_off_outputs(root, args.variant) if args.one_off else None
+        evaluate(params, args.variant, root, outputs)
+    elif args.command == "export":
+        from mnist_pipeline.export import export
+
+        export(params, check_variant(args.variant), root)
     elif args.command == "report":
         from mnist_pipeline.report import report
 
@@ -117,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             variants=split(args.variants),
             hosts=split(args.hosts),
             latest_only=not args.all_runs,
+            one_off=args.one_off,
             csv_path=args.csv,
             markdown_path=args.markdown,
             chart_path=args.chart,

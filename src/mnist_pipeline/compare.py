@@ -8,13 +8,13 @@
 One row per variant, one column group per `host · device` (the `host` and `device` tags `train`
 sets; MNIST_PIPELINE_HOST names the host): test accuracy, seconds per epoch and training images
 per second, both timings the median over the run's epochs (the first epoch pays for warm-up).
-Only finished training runs count: `mlflow run`'s parent runs (no `variant` tag) and evaluation-only
-runs are left out; a run that has not been evaluated yet shows a blank accuracy.
+Only finished training runs of the params.yaml recipes count (`--one-off` adds one-off runs);
+`mlflow run`'s parent runs (no `variant` tag) are left out. A run whose checkpoint was evaluated
+under another run (the same bytes, retrained) shows that accuracy; one never evaluated, a blank.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,10 +31,9 @@ if TYPE_CHECKING:
 # (metric, label in the printed table, how the printed table shows it)
 COLUMNS = (
     ("test/accuracy", "accuracy", lambda v: f"{v:.2%}"),
-    ("time/epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
-    ("time/samples_per_second", "img/s", lambda v: f"{v:,.0f}"),
+    ("time/median_epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
+    ("time/median_samples_per_second", "img/s", lambda v: f"{v:,.0f}"),
 )
-TIMINGS = ("time/epoch_seconds", "time/samples_per_second")
 
 
 def compare(
@@ -45,6 +44,7 @@ def compare(
     variants: Sequence[str] | None = None,
     hosts: Sequence[str] | None = None,
     latest_only: bool = True,
+    one_off: bool = False,
     csv_path: Path | None = None,
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
@@ -61,6 +61,9 @@ def compare(
     _check_store_exists(uri)
     name = experiment or tracking.experiment_name(params.data.dataset)
     runs = training_runs(uri, name)
+    skipped = int((runs["kind"] == "one-off").sum())
+    if not one_off:
+        runs = runs[runs["kind"] != "one-off"]
     if variants:
         present = ", ".join(v for v in VARIANTS if v in set(runs["variant"]))
         runs = runs[runs["variant"].isin(variants)]
@@ -77,16 +80,23 @@ def compare(
                 f"experiment {name!r} at {uri} has no runs from host {', '.join(hosts)}"
                 f"{' of these variants' if variants else ''} (hosts there: {present})"
             )
-    runs = _with_epoch_medians(runs, uri)
+    if runs.empty:
+        raise PipelineError(
+            f"experiment {name!r} at {uri} holds only one-off runs ({skipped}); add --one-off"
+        )
     table = pivot(runs, latest_only)
 
     kind = "latest run" if latest_only else "every run (1 = latest)"
     print(f"{name} at {uri}: {kind} per variant and host · device")
     print(_shown(table).to_string())
+    if skipped and not one_off:
+        print(f"({skipped} one-off run{'s' * (skipped > 1)} left out: add --one-off to include)")
+    written = []
     if csv_path:
         flat = table.copy()
         flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
         write_text_atomic(csv_path, flat.to_csv())
+        written.append(csv_path)
     if markdown_path:
         shown = _shown(table)
         shown.columns = [f"{group}: {label}" for group, label in shown.columns]
@@ -95,9 +105,13 @@ def compare(
         title = f"# {name}: {kind} per variant and host · device\n\n"
         text = shown.to_markdown(index=False, colalign=align)
         write_text_atomic(markdown_path, title + text + "\n")
+        written.append(markdown_path)
     if chart_path:
         latest = table if latest_only else table.xs(1, level="run")
         write_atomic(chart_path, lambda tmp: _chart(latest, tmp, name))
+        written.append(chart_path)
+    for path in written:
+        print(f"wrote {path}")
     return table
 
 
@@ -146,33 +160,27 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
         "tags.host": "host",
         "tags.device": "device",
         "tags.run.kind": "kind",
-        "metrics.test/accuracy": "test/accuracy",
+        "tags.checkpoint.md5": "checkpoint",
+        **{f"metrics.{metric}": metric for metric, _, _ in COLUMNS},
     }
     runs = pd.DataFrame(
         {new: raw.get(old, pd.Series(index=raw.index)) for old, new in columns.items()}
     )
-    runs = runs[runs["variant"].notna() & (runs["kind"] != "evaluation")].drop(columns="kind")
+    runs = runs[runs["variant"].notna()]
     if runs.empty:
         raise PipelineError(
             f"experiment {experiment!r} at {uri} holds no finished training runs; train one "
             "with `mnist-pipeline train --variant NAME` (or `dvc repro`)"
         )
-    runs["test/accuracy"] = runs["test/accuracy"].astype(float)
-    return runs.fillna({"host": "unknown", "device": "unknown"}).reset_index(drop=True)
-
-
-def _with_epoch_medians(runs: pd.DataFrame, uri: str) -> pd.DataFrame:
-    """Add the median of each run's per-epoch timings (the search only returns the last)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    runs = runs.copy()
-    for metric in TIMINGS:
-        runs[metric] = [
-            statistics.median(m.value for m in history) if history else float("nan")
-            for history in (client.get_metric_history(rid, metric) for rid in runs["run_id"])
-        ]
-    return runs
+    for metric, _, _ in COLUMNS:
+        runs[metric] = runs[metric].astype(float)
+    # The test result belongs to the checkpoint's bytes: a retrain that wrote the same checkpoint
+    # (DVC then skips evaluate) shares the accuracy its twin was evaluated at.
+    by_checkpoint = runs.dropna(subset=["checkpoint", "test/accuracy"]).groupby("checkpoint")
+    shared = runs["checkpoint"].map(by_checkpoint["test/accuracy"].first())
+    runs["test/accuracy"] = runs["test/accuracy"].fillna(shared)
+    runs = runs.fillna({"host": "unknown", "device": "unknown", "kind": "pipeline"})
+    return runs.reset_index(drop=True)
 
 
 def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
@@ -236,7 +244,7 @@ def _chart(table: pd.DataFrame, path: Path, experiment: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * len(variants) * len(groups)))
     panels = (
         ("test/accuracy", 100, "test accuracy, %"),
-        ("time/samples_per_second", 1, "training images per second (log scale)"),
+        ("time/median_samples_per_second", 1, "training images per second (log scale)"),
     )
     for ax, (metric, scale, label) in zip(axes, panels, strict=True):
         for i, group in enumerate(groups):

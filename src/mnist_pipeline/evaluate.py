@@ -11,56 +11,24 @@ linked to the checkpoint by its MD5 and the original run id.
 
 from __future__ import annotations
 
-import pickle
+import json
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import paths
+from mnist_pipeline import checkpoint, paths
 from mnist_pipeline.config import Params
 from mnist_pipeline.dataset import file_md5, load_dataset
-from mnist_pipeline.errors import PipelineError, first_line
+from mnist_pipeline.device import as_float, resolve_device
 from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
-from mnist_pipeline.models import NUM_CLASSES, VARIANTS, build_model, logits_view
-from mnist_pipeline.train import CHECKPOINT_FORMAT, as_float, resolve_device
+from mnist_pipeline.models import NUM_CLASSES, logits_view
 
-
-def load_checkpoint(path: Path, variant: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild the model from a checkpoint this pipeline wrote. Loaded with weights_only=True:
-    a file that is not ours, or was tampered with to carry code, is refused, never executed."""
-    if not path.is_file():
-        name = variant or "<variant>"
-        raise PipelineError(
-            f"{path}: no checkpoint; train it first: `mnist-pipeline train --variant {name}` "
-            f"(or `dvc repro train@{name}`)"
-        )
-    refuse = f"{path}: refused to load: not a checkpoint written by mnist-pipeline, or corrupt"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on a pickle it is about to refuse
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Not torch's message: it suggests weights_only=False, i.e. running the file's code.
-        raise PipelineError(f"{refuse} (it holds more than tensors and plain values)") from None
-    except Exception as err:  # a foreign file fails torch.load in many ways (KeyError included)
-        raise PipelineError(f"{refuse} ({first_line(err)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise PipelineError(f"{refuse} (missing format marker {CHECKPOINT_FORMAT!r})")
-    name = payload.get("variant")
-    if name not in VARIANTS or (variant is not None and name != variant):
-        raise PipelineError(f"{refuse} (it is for variant {name!r}, expected {variant!r})")
-    recipe = payload.get("recipe") or {}
-    model = build_model(name, use_dropout=bool(recipe.get("use_dropout", True)))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise PipelineError(f"{refuse} (weights do not fit {name}: {str(err)[:200]})") from None
-    return model.eval(), payload
+# What a person compares goes to DVC's metrics file; per-class figures and macro precision and
+# recall go to the MLflow run (a table), where they do not crowd `dvc exp show`.
+DVC_METRICS = ("test/accuracy", "test/loss", "test/f1_macro")
 
 
 @torch.no_grad()
@@ -98,13 +66,17 @@ def classification_metrics(y: torch.Tensor, pred: torch.Tensor, loss: float):
     return metrics, cm
 
 
-def evaluate(params: Params, variant: str, root: Path) -> dict[str, float]:
+def evaluate(
+    params: Params, variant: str, root: Path, outputs: paths.Outputs | None = None
+) -> dict[str, float]:
+    """Score the checkpoint in `outputs` (default: the pipeline's) on the test set; write the
+    metrics and predictions beside the other outputs; log them into the run that trained it."""
     from mnist_pipeline import tracking
 
+    outputs = outputs or paths.pipeline_outputs(root, variant)
     uri = tracking.tracking_uri(root)
     tracking.check_reachable(uri)
-    checkpoint = paths.checkpoint_path(root, variant)
-    model, meta = load_checkpoint(checkpoint, variant)
+    model, meta = checkpoint.load(outputs.checkpoint, variant)
     data = load_dataset(root, params.data.dataset)
     device = resolve_device(params.train.device)
     model.to(device)
@@ -112,12 +84,12 @@ def evaluate(params: Params, variant: str, root: Path) -> dict[str, float]:
     pred, loss = predict(model, x, y)
     metrics, cm = classification_metrics(y, pred, loss)
 
-    write_json_atomic(paths.test_metrics_path(root, variant), metrics)
+    write_json_atomic(outputs.test_metrics, {k: round(metrics[k], 6) for k in DVC_METRICS})
     pairs = zip(y.tolist(), pred.tolist(), strict=True)
     rows = ["actual,predicted"] + [f"{a},{p}" for a, p in pairs]
-    write_text_atomic(paths.predictions_path(root, variant), "\n".join(rows) + "\n")
+    write_text_atomic(outputs.predictions, "\n".join(rows) + "\n")
     run_id = _log_to_mlflow(
-        root, uri, variant, model.cpu(), metrics, cm, data, pred.cpu(), meta, checkpoint
+        root, uri, params, variant, model.cpu(), metrics, cm, data, pred.cpu(), meta, outputs
     )
     print(
         f"{variant}: test/accuracy {metrics['test/accuracy']:.4f} test/loss {loss:.4f} "
@@ -126,64 +98,49 @@ def evaluate(params: Params, variant: str, root: Path) -> dict[str, float]:
     return metrics
 
 
-def _training_run_id(client, root: Path, variant: str, meta: dict[str, Any]) -> str | None:
-    """The checkpoint's training run, if this tracking store has it.
-
-    The checkpoint names its run; mlflow_run.json beside it says the same once the run was
-    completely logged. A run id from another store (DVC's cache, a colleague's machine) is None.
-    """
-    import json
-
-    from mlflow.exceptions import MlflowException
-
-    run_id = meta.get("run_id")
-    info_path = paths.run_info_path(root, variant)
-    try:
-        if json.loads(info_path.read_text())["run_id"] != run_id:
-            return None  # the checkpoint's run was never completely logged
-        client.get_run(run_id)
-    except (OSError, ValueError, KeyError, TypeError, MlflowException):
-        return None
-    return run_id
-
-
-def _new_run_from_checkpoint(root, variant, model, data, meta, checkpoint) -> str:
-    """Record a run for a checkpoint whose training run this store lacks: the recipe, the
-    per-epoch history saved beside it, the summary and the model, linked by the checkpoint's MD5."""
+def _new_run_from_checkpoint(root, params, variant, model, data, meta, outputs, md5) -> str:
+    """Record a run for a checkpoint whose training run this store lacks (DVC's cache, a
+    colleague's machine, a store that failed mid-run): the recipe, the per-epoch history saved
+    beside it, the summary and the model, tagged `run.source=checkpoint`."""
     import os
 
     import mlflow
 
     from mnist_pipeline import tracking
+    from mnist_pipeline.device import device_name
+    from mnist_pipeline.logged_model import log_model
     from mnist_pipeline.models import count_parameters, summary_text
-    from mnist_pipeline.train import device_name, log_model
 
     experiment_id = tracking.run_experiment_id(data.name, root)
+    tracking.describe_experiment(experiment_id, data.name)
+    recipe = meta.get("recipe", {})
     tags = tracking.run_tags(root, variant, "cpu", device_name(torch.device("cpu")))
     tags |= {
         "data.dataset": data.name,
         "data.checksum": data.checksum,
+        tracking.RUN_KIND_TAG: "one-off" if outputs.one_off else "pipeline",
+        tracking.NOTE_TAG: tracking.run_description(variant, recipe, data.name, data.checksum, root)
+        + "\n\nRecorded from the checkpoint by `evaluate`: its training run is not in this store.",
         "run.source": "checkpoint",
-        "checkpoint.md5": file_md5(checkpoint),
-        "checkpoint.training_run_id": str(meta.get("run_id", "unknown")),
     }
     parent = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run`: become its child
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=variant, tags=tags, parent_run_id=parent
+        experiment_id=experiment_id,
+        run_name=tracking.run_name(variant),
+        tags=tags,
+        parent_run_id=parent,
     ) as run:
-        mlflow.log_params(
-            {"variant": variant, **meta.get("recipe", {}), "num_params": count_parameters(model)}
-        )
-        for epoch, row in _history(root, variant):
+        mlflow.log_params({"variant": variant, **recipe, "num_params": count_parameters(model)})
+        for epoch, row in _history(outputs.history):
             mlflow.log_metrics(row, step=epoch)
         mlflow.log_text(summary_text(model), "model_summary.txt")
-        log_model(model)
+        log_model(model, variant, params={"variant": variant, **recipe})
+        mlflow.set_tag(tracking.CHECKPOINT_TAG, md5)
     return run.info.run_id
 
 
-def _history(root: Path, variant: str) -> list[tuple[int, dict[str, float]]]:
-    """The per-epoch rows of plots/train/<variant>.csv, if present."""
-    path = paths.history_path(root, variant)
+def _history(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """The per-epoch rows of a history CSV (plots/train/<variant>.csv), if present."""
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
@@ -195,32 +152,73 @@ def _history(root: Path, variant: str) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def _log_to_mlflow(root, uri, variant, model, metrics, cm, data, pred, meta, checkpoint) -> str:
-    import json
+def _log_to_mlflow(root, uri, params, variant, model, metrics, cm, data, pred, meta, outputs):
+    """Test metrics (linked to the logged model and the test set), the evaluation dataset and
+    artifacts into the checkpoint's training run; then the Model Registry."""
     import time
 
     import mlflow
     from mlflow.entities import Metric
 
+    from mnist_pipeline import registry, tracking
+
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    run_id = _training_run_id(client, root, variant, meta)
-    if run_id is None:
-        run_id = _new_run_from_checkpoint(root, variant, model, data, meta, checkpoint)
+    md5 = file_md5(outputs.checkpoint)
+    experiment_id = tracking.run_experiment_id(data.name, root)
+    run = tracking.find_training_run(client, experiment_id, md5)
+    if run is None:
+        run_id = _new_run_from_checkpoint(root, params, variant, model, data, meta, outputs, md5)
+        run = client.get_run(run_id)
+    run_id = run.info.run_id
+    model_id = tracking.logged_model_id(run, variant)
 
+    test_set = tracking.datasets(params, data.checksum)["evaluation"]
+    tracking.log_datasets(client, run_id, {"evaluation": test_set})
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    summary = {k: v for k, v in metrics.items() if not k.startswith("test/accuracy_class_")}
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(
+                k,
+                v,
+                now,
+                0,
+                model_id=model_id,
+                dataset_name=test_set.name,
+                dataset_digest=test_set.digest,
+            )
+            for k, v in summary.items()
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "evaluation"
         folder.mkdir()
         (folder / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (folder / "per_class.csv").write_text(_per_class_csv(cm))
         (folder / "confusion_matrix.csv").write_text(
             "\n".join(",".join(str(v) for v in row) for row in cm.tolist()) + "\n"
         )
         _confusion_png(cm, folder / "confusion_matrix.png", variant)
         _misclassified_png(data.test_images, data.test_labels, pred, folder / "misclassified.png")
         client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
+    if model_id is not None:
+        registry.register(client, run, model_id, data.name, variant, metrics["test/accuracy"])
     return run_id
+
+
+def _per_class_csv(cm: torch.Tensor) -> str:
+    """Per class: support, precision, recall (= the class's accuracy), F1."""
+    tp = cm.diag().double()
+    support, predicted = cm.sum(1).double(), cm.sum(0).double()
+    lines = ["class,support,precision,recall,f1"]
+    for k in range(NUM_CLASSES):
+        p = tp[k].item() / predicted[k].item() if predicted[k] else 0.0
+        r = tp[k].item() / support[k].item() if support[k] else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        lines.append(f"{k},{int(support[k].item())},{p:.4f},{r:.4f},{f1:.4f}")
+    return "\n".join(lines) + "\n"
 
 
 def _confusion_png(cm: torch.Tensor, path: Path, title: str) -> None:

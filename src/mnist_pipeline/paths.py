@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS_FILE = "params.yaml"
@@ -32,10 +33,6 @@ def checkpoint_path(root: Path, variant: str) -> Path:
     return model_dir(root, variant) / "model.pt"
 
 
-def run_info_path(root: Path, variant: str) -> Path:
-    return model_dir(root, variant) / "mlflow_run.json"
-
-
 def train_metrics_path(root: Path, variant: str) -> Path:
     return root / "metrics" / "train" / f"{variant}.json"
 
@@ -52,6 +49,14 @@ def predictions_path(root: Path, variant: str) -> Path:
     return root / "plots" / "predictions" / f"{variant}.csv"
 
 
+def export_dir(root: Path, variant: str) -> Path:
+    return root / "exports" / variant
+
+
+def export_metrics_path(root: Path, variant: str) -> Path:
+    return root / "metrics" / "export" / f"{variant}.json"
+
+
 def reports_dir(root: Path) -> Path:
     return root / "reports"
 
@@ -62,3 +67,42 @@ def default_tracking_uri(root: Path) -> str:
 
 def default_artifact_location(root: Path) -> str:
     return (root / "mlartifacts").as_uri()
+
+
+ONE_OFF_DIR = "one-off"  # git-ignored; DVC knows nothing of it
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one variant's training and evaluation write. The pipeline's are DVC outputs
+    (dvc.yaml names the same paths); a one-off run's (a recipe that differs from params.yaml)
+    sit together under one-off/<variant>/, so the pipeline's outputs never change under DVC."""
+
+    checkpoint: Path
+    train_metrics: Path
+    history: Path
+    test_metrics: Path
+    predictions: Path
+    one_off: bool = False
+
+
+def pipeline_outputs(root: Path, variant: str) -> Outputs:
+    return Outputs(
+        checkpoint=checkpoint_path(root, variant),
+        train_metrics=train_metrics_path(root, variant),
+        history=history_path(root, variant),
+        test_metrics=test_metrics_path(root, variant),
+        predictions=predictions_path(root, variant),
+    )
+
+
+def one_off_outputs(root: Path, variant: str) -> Outputs:
+    folder = root / ONE_OFF_DIR / variant
+    return Outputs(
+        checkpoint=folder / "model.pt",
+        train_metrics=folder / "train.json",
+        history=folder / "history.csv",
+        test_metrics=folder / "test.json",
+        predictions=folder / "predictions.csv",
+        one_off=True,
+    )

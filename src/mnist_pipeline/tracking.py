@@ -10,9 +10,13 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
+
+if TYPE_CHECKING:
+    from mnist_pipeline.config import Params
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -168,3 +172,108 @@ def run_tags(root: Path, variant: str, device_type: str, device_name: str) -> di
     if stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = stage
     return tags
+
+
+# --- what the MLflow UI shows: run names, datasets, descriptions, the run a checkpoint came from --
+
+NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
+RUN_KIND_TAG = "run.kind"  # "pipeline" (the params.yaml recipe) or "one-off" (CLI overrides)
+CHECKPOINT_TAG = "checkpoint.md5"  # set once a training run is completely logged
+
+
+def run_name(variant: str) -> str:
+    """`ffn3_relu@gpu-box`: two hosts' runs of one variant are told apart in every UI list."""
+    return f"{variant}@{host_label()}"
+
+
+def datasets(params: Params, checksum: str) -> dict:
+    """The data set as MLflow dataset inputs, by context: `training`, `validation` (the held-out
+    split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
+    derives from the content checksum, so runs on the same data show the same digest on any host;
+    the source is the data set's first public mirror."""
+    import hashlib
+
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = params.data.dataset
+    mirrors = [m for m in params.data.dataset_mirrors if m.startswith(("http://", "https://"))]
+    source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
+
+    def entry(split: str, detail: str) -> MetaDataset:
+        digest = hashlib.md5(f"{checksum}/{split}/{detail}".encode()).hexdigest()
+        return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
+
+    split = f"val_size={params.train.val_size},seed={params.train.seed}"
+    return {
+        "training": entry("train", split),
+        "validation": entry("validation", split),
+        "evaluation": entry("test", "t10k"),
+    }
+
+
+def log_datasets(client, run_id: str, found: dict) -> None:
+    """Log dataset inputs {context: dataset} to a run."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for context, ds in found.items()
+        ],
+    )
+
+
+def run_description(variant: str, recipe: dict, dataset: str, checksum: str, root: Path) -> str:
+    """The run's description (Markdown, shown on its page): variant, recipe, data, commit."""
+    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
+    return (
+        f"**{variant}** on host `{host_label()}`.\n\n"
+        f"Recipe: {shown}.\n\n"
+        f"Data: {dataset} (checksum `{checksum[:12]}`); code: commit `{git_commit(root)[:12]}`."
+    )
+
+
+def describe_experiment(experiment_id: str, dataset: str) -> None:
+    """Give the experiment a description, once (a user's own edit is kept)."""
+    import mlflow
+
+    experiment = mlflow.get_experiment(experiment_id)
+    if NOTE_TAG in experiment.tags:
+        return
+    mlflow.MlflowClient().set_experiment_tag(
+        experiment_id,
+        NOTE_TAG,
+        f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
+        "variant per host, named `variant@host`. Compare variants with the `test/accuracy` "
+        "column (or the Models tab, which ranks each variant's logged model), hosts by grouping "
+        "runs by the `host` tag. Runs tagged `run.kind=one-off` used a recipe other than "
+        "params.yaml's.",
+    )
+
+
+def find_training_run(client, experiment_id: str, checkpoint_md5: str):
+    """The latest completely logged run that trained a checkpoint with these bytes, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def logged_model_id(run, name: str) -> str | None:
+    """The id of the logged model `name` that `run` produced, if any."""
+    import mlflow
+
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+        output_format="list",
+    )
+    return found[0].model_id if found else None

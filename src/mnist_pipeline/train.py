@@ -11,7 +11,6 @@ validation split held out of the training set with a fixed seed; the test set is
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -28,56 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import paths
+from mnist_pipeline import checkpoint, paths
 from mnist_pipeline.config import Params, Recipe
-from mnist_pipeline.dataset import Dataset, load_dataset
+from mnist_pipeline.dataset import Dataset, file_md5, load_dataset
+from mnist_pipeline.device import as_float, device_name, resolve_device, set_cpu_threads
 from mnist_pipeline.errors import ConfigError, PipelineError, first_line
-from mnist_pipeline.fileio import write_atomic, write_json_atomic, write_text_atomic
+from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
+from mnist_pipeline.logged_model import log_model
 from mnist_pipeline.models import build_model, count_parameters, logits_view, summary_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "mnist-pipeline/checkpoint/1"
-HISTORY_COLUMNS = (
-    "epoch",
-    "train/loss",
-    "train/accuracy",
-    "val/loss",
-    "val/accuracy",
-    "time/epoch_seconds",
-    "time/samples_per_second",
-)
-
-
-# --- device and data --------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if name == "cuda" and not cuda:
-        raise ConfigError(
-            f"train.device: 'cuda' requested but torch {torch.__version__} sees no CUDA device; "
-            "use device 'auto' or 'cpu'"
-        )
-    if name == "mps" and not mps:
-        raise ConfigError("train.device: 'mps' requested but Apple MPS is not available here")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    from mnist_pipeline.tracking import cpu_model
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "Apple MPS" if device.type == "mps" else cpu_model()
-
-
-def as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] on `device` (no normalisation)."""
-    return images.to(device).unsqueeze(1).float().div_(255)
+# The per-epoch history (a DVC plot): what the recipe determines, so the same recipe and seed
+# write the same bytes. Timings differ every run: they go to MLflow only.
+HISTORY_COLUMNS = ("epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy")
 
 
 @dataclass(frozen=True)
@@ -103,14 +66,6 @@ def train_val_split(data: Dataset, val_size: int, seed: int, device: torch.devic
 
 
 # --- the loop ---------------------------------------------------------------------------------
-
-
-def set_cpu_threads(device: torch.device, batch_size: int) -> None:
-    """One intra-op thread for small CPU batches: at batch 32 the work per op is too small to
-    split, and the hand-off costs more than it saves (measured on 2 cores: 1.49 against 1.74 ms
-    per mlp_relu_dropout step); larger batches keep torch's default. OMP_NUM_THREADS wins."""
-    if device.type == "cpu" and batch_size <= 32 and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(1)
 
 
 def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
@@ -203,49 +158,29 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# --- checkpoint -------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra) -> None:
-    """Weights + what rebuilds the model; only tensors and plain values (weights_only loads it)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "variant": variant,
-        "recipe": dataclasses.asdict(recipe),
-        "state_dict": state,
-        **extra,
-    }
-
-    def write(tmp: Path) -> None:
-        # Serialised in memory (a few MB), written by Python: a full disk is then an OSError,
-        # which write_atomic reports (torch's own writer says "unexpected pos"). fsync before
-        # the rename: the new checkpoint is on disk before it replaces the old one.
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        with tmp.open("wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-
-    write_atomic(path, write)
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TrainResult:
     run_id: str
+    model_id: str
     history: list[dict[str, float]]
     checkpoint: Path
     num_params: int
 
 
-def train(params: Params, variant: str, root: Path) -> TrainResult:
-    """Train `variant` with its recipe in `params`; checkpoint, metrics and one MLflow run."""
+def train(
+    params: Params, variant: str, root: Path, outputs: paths.Outputs | None = None
+) -> TrainResult:
+    """Train `variant` with its recipe in `params`: checkpoint, metrics and one MLflow run.
+
+    `outputs` defaults to the pipeline's (DVC's) files; a one-off run (a recipe other than
+    params.yaml's) writes under one-off/<variant>/ instead and is tagged `run.kind=one-off`.
+    """
     from mnist_pipeline import tracking
 
+    outputs = outputs or paths.pipeline_outputs(root, variant)
     recipe = params.recipe(variant)
     settings = params.train
     device = resolve_device(settings.device)
@@ -260,25 +195,37 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
     optimizer = make_optimizer(recipe, model)
     generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
     num_params = count_parameters(model)
+    recipe_params = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
 
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     experiment_id = tracking.run_experiment_id(data.name, root)
+    tracking.describe_experiment(experiment_id, data.name)
     # Under `mlflow run`, MLflow has started a run and exported its id: ours becomes its child.
     parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     tags = tracking.run_tags(root, variant, device.type, device_name(device))
-    tags |= {"data.dataset": data.name, "data.checksum": data.checksum}
+    tags |= {
+        "data.dataset": data.name,
+        "data.checksum": data.checksum,
+        tracking.RUN_KIND_TAG: "one-off" if outputs.one_off else "pipeline",
+        tracking.NOTE_TAG: tracking.run_description(
+            variant, recipe_params, data.name, data.checksum, root
+        ),
+    }
+    inputs = tracking.datasets(params, data.checksum)
     if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-        mlflow.set_system_metrics_sampling_interval(2)  # MLflow's 10 s misses short runs
+        # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
+        mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
     run = mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=variant,
+        run_name=tracking.run_name(variant),
         tags=tags,
         parent_run_id=parent_run_id,
         log_system_metrics=True,
     )
+    run_id = run.info.run_id
     # From here on SIGTERM ends the run KILLED like Ctrl-C does, checkpoint writing included.
     with sigterm_as_exception():
         status = "FAILED"
@@ -286,47 +233,59 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
             mlflow.log_params(
                 {
                     "variant": variant,
-                    **dataclasses.asdict(recipe),
-                    **dataclasses.asdict(settings),
+                    **recipe_params,
                     "device_resolved": device.type,
                     "dataset": data.name,
                     "train_size": len(train_data.y),
                     "num_params": num_params,
                 }
             )
+            used = ("training", "validation") if val_data is not None else ("training",)
+            tracking.log_datasets(mlflow.MlflowClient(), run_id, {c: inputs[c] for c in used})
             mlflow.log_text(summary_text(model), "model_summary.txt")
             log_epoch = EpochLogger()
             history = _fit(
                 model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
             )
             kept = _keep_epoch(model, history, settings.keep)
-            summary = _write_local_results(
-                root, variant, model, recipe, history, kept, num_params, data, run
+            _write_local_results(outputs, variant, model, recipe, history, kept, num_params, data)
+            saved = ", ".join(
+                str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics)
             )
-            # The checkpoint is now this run's: the file naming the previous run goes. (Until
-            # here, a diverged, interrupted or failed run has left models/<variant>/ as it was.)
-            paths.run_info_path(root, variant).unlink(missing_ok=True)
             if log_epoch.error is not None:
                 raise PipelineError(
                     f"{variant}: the tracking store at {uri} failed during training "
                     f"({log_epoch.error}); training finished and its results are saved "
-                    f"({paths.checkpoint_path(root, variant).relative_to(root)}, "
-                    f"{paths.train_metrics_path(root, variant).relative_to(root)}). When the "
-                    f"store answers again, `mnist-pipeline evaluate --variant {variant}` records "
+                    f"({saved}). When the store answers again, `mnist-pipeline evaluate "
+                    f"--variant {variant}{' --one-off' if outputs.one_off else ''}` records "
                     "them as a new run (or re-run the training)"
                 )
+            seconds = [row["time/epoch_seconds"] for row in history]
             mlflow.log_metrics(
-                {"time/train_seconds": summary["time/train_seconds"], "kept_epoch": kept}
-            )
-            log_model(model)
-            write_json_atomic(
-                paths.run_info_path(root, variant),
                 {
-                    "run_id": run.info.run_id,
-                    "experiment_id": experiment_id,
-                    "tracking_uri": uri,
-                },
+                    "time/train_seconds": sum(seconds),
+                    # Medians over the epochs (the first pays for warm-up): what `compare` shows.
+                    "time/median_epoch_seconds": statistics.median(seconds),
+                    "time/median_samples_per_second": statistics.median(
+                        row["time/samples_per_second"] for row in history
+                    ),
+                    "kept_epoch": kept,
+                }
             )
+            model_id = log_model(model, variant, params={"variant": variant, **recipe_params})
+            if val_data is not None:
+                # The kept epoch's validation figures, linked to the model (the Models tab).
+                # Same step, time and value as the epoch's own point: MLflow keeps one.
+                row = history[kept - 1]
+                mlflow.log_metrics(
+                    {k: row[k] for k in ("val/accuracy", "val/loss")},
+                    step=kept,
+                    timestamp=log_epoch.timestamps.get(kept),
+                    model_id=model_id,
+                    dataset=inputs["validation"],
+                )
+            # Last: the run is complete, and evaluate finds it by the checkpoint's bytes.
+            mlflow.set_tag(tracking.CHECKPOINT_TAG, file_md5(outputs.checkpoint))
             status = "FINISHED"
         except (KeyboardInterrupt, Terminated):
             status = "KILLED"
@@ -335,8 +294,15 @@ def train(params: Params, variant: str, root: Path) -> TrainResult:
             try:
                 mlflow.end_run(status)
             except Exception:  # the store is gone; what matters is saved locally
-                log.warning("could not mark the MLflow run %s as %s", run.info.run_id, status)
-    return TrainResult(run.info.run_id, history, paths.checkpoint_path(root, variant), num_params)
+                log.warning("could not mark the MLflow run %s as %s", run_id, status)
+    where = outputs.checkpoint.relative_to(root)
+    print(f"{variant}: MLflow run {run_id} ({tracking.run_name(variant)}), checkpoint {where}")
+    if outputs.one_off:
+        print(
+            f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
+            f"`mnist-pipeline evaluate --variant {variant} --one-off`"
+        )
+    return TrainResult(run_id, model_id, history, outputs.checkpoint, num_params)
 
 
 class EpochLogger:
@@ -345,6 +311,7 @@ class EpochLogger:
 
     def __init__(self) -> None:
         self.error: str | None = None
+        self.timestamps: dict[int, int] = {}  # epoch -> the time its metrics were logged at
 
     def __call__(self, row: dict[str, float], epoch: int) -> None:
         if self.error is not None:
@@ -352,7 +319,8 @@ class EpochLogger:
         import mlflow
 
         try:
-            mlflow.log_metrics(row, step=epoch)
+            self.timestamps[epoch] = int(time.time() * 1000)
+            mlflow.log_metrics(row, step=epoch, timestamp=self.timestamps[epoch])
         except Exception as err:
             self.error = first_line(err)
             print(
@@ -434,62 +402,32 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log
     return history
 
 
-def _write_local_results(root, variant, model, recipe, history, kept, num_params, data, run):
-    """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics): the
-    metrics are those of the kept epoch, the timings medians over all epochs."""
-    save_checkpoint(
-        paths.checkpoint_path(root, variant),
+def _write_local_results(outputs, variant, model, recipe, history, kept, num_params, data):
+    """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics) of the
+    kept epoch. Only what the recipe and seed determine: the same run twice, the same bytes."""
+    checkpoint.save(
+        outputs.checkpoint,
         model,
         variant,
         recipe,
         dataset=data.name,
         data_checksum=data.checksum,
         num_params=num_params,
-        run_id=run.info.run_id,
         epoch=kept,
     )
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
         lines.append(",".join(f"{row[c]:.6g}" if c in row else "" for c in HISTORY_COLUMNS))
-    write_text_atomic(paths.history_path(root, variant), "\n".join(lines) + "\n")
-    seconds = [row["time/epoch_seconds"] for row in history]
+    write_text_atomic(outputs.history, "\n".join(lines) + "\n")
     final = history[kept - 1]
     summary = {
         "params": num_params,
-        "epochs": len(history),
         "kept_epoch": kept,
         **{
-            k: final[k]
+            k: round(final[k], 6)
             for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
             if k in final
         },
-        "time/train_seconds": sum(seconds),
-        "time/epoch_seconds": statistics.median(seconds),
-        "time/samples_per_second": statistics.median(
-            row["time/samples_per_second"] for row in history
-        ),
     }
-    write_json_atomic(paths.train_metrics_path(root, variant), summary)
+    write_json_atomic(outputs.train_metrics, summary)
     return summary
-
-
-def log_model(model: nn.Sequential) -> None:
-    """Log the model from CPU weights, with a signature and an input example."""
-    import copy
-
-    import mlflow
-    import mlflow.pytorch
-    import numpy as np
-    from mlflow.models import infer_signature
-
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
-    with torch.no_grad():
-        output = cpu_model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        cpu_model,
-        name="model",
-        signature=infer_signature(example, output),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )

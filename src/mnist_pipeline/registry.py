@@ -1,0 +1,73 @@
+"""The Model Registry: each evaluated model becomes a version of `<dataset>-<variant>`, and the
+alias `champion` moves to a version only when its test accuracy beats the champion's.
+
+    models:/mnist-mlp512_relu@champion      # the best mlp512_relu so far, on any host
+"""
+
+from __future__ import annotations
+
+from mnist_pipeline import tracking
+
+ALIAS = "champion"
+ACCURACY_TAG = "test_accuracy"
+
+
+def model_name(dataset: str, variant: str) -> str:
+    return f"{dataset}-{variant}"
+
+
+def register(client, run, model_id: str, dataset: str, variant: str, accuracy: float):
+    """Register the logged model `model_id` (once: re-evaluating the same run reuses its
+    version), tag the version, and make it the champion if it beats the current one. Returns
+    the version and whether it is now the champion."""
+    from mlflow.exceptions import MlflowException
+
+    name = model_name(dataset, variant)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            description=(
+                f"{variant} trained on {dataset} by mnist-pipeline. Input: float32 images "
+                "(N, 1, 28, 28) in [0, 1]; output: class probabilities (N, 10). The alias "
+                f"`{ALIAS}` marks the version with the best test accuracy."
+            ),
+        )
+    existing = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.source == f"models:/{model_id}"
+    ]
+    version = (
+        existing[0]
+        if existing
+        else client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id
+        )
+    )
+    tags = run.data.tags
+    for key, value in {
+        "host": tags.get("host", "unknown"),
+        "device": tags.get("device", "unknown"),
+        "device.name": tags.get("device.name", "unknown"),
+        tracking.RUN_KIND_TAG: tags.get(tracking.RUN_KIND_TAG, "pipeline"),
+        ACCURACY_TAG: f"{accuracy:.6f}",
+    }.items():
+        client.set_model_version_tag(name, version.version, key, value)
+
+    try:
+        champion = client.get_model_version_by_alias(name, ALIAS)
+        best = float(champion.tags.get(ACCURACY_TAG, "-1"))
+    except MlflowException:
+        champion, best = None, -1.0
+    promoted = champion is None or (accuracy > best and champion.version != version.version)
+    if promoted:
+        client.set_registered_model_alias(name, ALIAS, version.version)
+    state = (
+        "champion"
+        if promoted or (champion and champion.version == version.version)
+        else (f"champion stays version {champion.version} ({best:.4f})")
+    )
+    print(f"{variant}: registered {name} version {version.version} ({state})")
+    return version, promoted
