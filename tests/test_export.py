@@ -1,0 +1,133 @@
+"""The export stage: ONNX and int8 ONNX files that serve the checkpoint's probabilities (dynamic
+batch), the metrics and benchmark files, the figures and two logged models in the training run,
+byte-identical re-exports, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from mnist_pipeline import checkpoint, paths
+from mnist_pipeline.cli import main
+from mnist_pipeline.config import load_params
+from mnist_pipeline.dataset import file_md5, load_dataset
+from mnist_pipeline.device import as_float
+from mnist_pipeline.export import export, to_onnx
+from mnist_pipeline.logged_model import inference_model
+from mnist_pipeline.models import build_model
+from mnist_pipeline.train import train
+
+FIGURES = ("accuracy", "bytes", "latency_b1_ms", "latency_b1000_ms")
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("variant", ["mlp_relu_dropout", "mlp_tanh_sigmoid_softmax"])
+def test_export_serves_probabilities_and_logs_into_the_training_run(tiny_data, variant):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    trained = train(params, variant, root)
+    export(params, variant, root)
+
+    folder = paths.export_dir(root, variant)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "benchmark.json",
+        "model.int8.onnx",
+        "model.onnx",
+    ]  # one self-contained file per form: no external weights beside them
+    proto = onnx.load(folder / "model.onnx")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+    # The served form's probabilities, whatever the head; int8 too, at any batch size.
+    model, _ = checkpoint.load(paths.checkpoint_path(root, variant), variant)
+    x = as_float(load_dataset(root, params.data.dataset).test_images, torch.device("cpu"))
+    with torch.inference_mode():
+        expected = inference_model(model)(x).numpy()
+    fp32, int8 = session(folder / "model.onnx"), session(folder / "model.int8.onnx")
+    probabilities = fp32.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert (probabilities.argmax(1) == expected.argmax(1)).all()
+    for net in (fp32, int8):
+        for n in (1, 7):
+            out = net.run(None, {"images": x[:n].numpy()})[0]
+            assert out.shape == (n, 10)
+            np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+
+    metrics = json.loads(paths.export_metrics_path(root, variant).read_text())
+    assert set(metrics) == {f"{f}/{k}" for f in ("torch", "onnx", "int8") for k in FIGURES[:2]}
+    assert metrics["onnx/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.005)
+    assert metrics["int8/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.05)
+    assert metrics["int8/bytes"] <= metrics["onnx/bytes"] / 2  # 100k+ parameters
+    benchmark = json.loads((folder / "benchmark.json").read_text())
+    assert set(benchmark["forms"]["int8"]) == set(FIGURES)
+
+    # Same checkpoint, same bytes (the export drops host paths and the torch build suffix).
+    md5 = file_md5(paths.checkpoint_path(root, variant))
+    assert to_onnx(inference_model(model), variant, md5) == (folder / "model.onnx").read_bytes()
+
+    run = mlflow.MlflowClient().get_run(trained.run_id)
+    assert run.info.status == "FINISHED"
+    for form in ("torch", "onnx", "int8"):
+        assert {f"export/{form}/{k}" for k in FIGURES} <= set(run.data.metrics)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{trained.run_id}'",
+        output_format="list",
+    )
+    by_name = {m.name: m for m in models}
+    assert set(by_name) == {variant, f"{variant}-onnx", f"{variant}-int8"}
+    for form in ("onnx", "int8"):
+        linked = by_name[f"{variant}-{form}"].metrics
+        assert {m.key for m in linked} == {f"export/{form}/{k}" for k in FIGURES}
+        assert {m.dataset_name for m in linked} == {"mnist-test"}
+    assert {m.model_id for m in run.outputs.model_outputs} == {m.model_id for m in models}
+
+
+def test_checkpoint_without_a_training_run_exports_locally(tiny_data, capsys):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    variant = "logistic_regression"  # an untrained one, saved by hand: no run in this store
+    torch.manual_seed(0)
+    model = build_model(variant)
+    checkpoint.save(paths.checkpoint_path(root, variant), model, variant, params.variants[variant])
+    figures = export(params, variant, root)
+    assert "stay local" in capsys.readouterr().out
+    assert paths.export_metrics_path(root, variant).is_file()
+    assert figures["onnx/accuracy"] == figures["torch/accuracy"]
+
+
+def test_export_without_checkpoint_says_to_train(tiny_data, capsys):
+    assert main(["export", "--variant", "ffn1_relu"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "mnist-pipeline train --variant ffn1_relu" in err
+    assert err.count("\n") == 1
+    assert not paths.export_dir(tiny_data, "ffn1_relu").exists()
+
+
+def test_failing_quantisation_is_one_line_and_writes_nothing(tiny_data, monkeypatch, capsys):
+    root = tiny_data
+    params = load_params(root / "params.yaml")
+    variant = "ffn1_relu"
+    recipe = params.variants[variant]
+    checkpoint.save(paths.checkpoint_path(root, variant), build_model(variant), variant, recipe)
+
+    def broken(_fp32: bytes) -> bytes:
+        raise RuntimeError("no kernel for this op\nmore detail")
+
+    monkeypatch.setattr("mnist_pipeline.export.quantise", broken)
+    assert main(["export", "--variant", variant]) == 1
+    err = capsys.readouterr().err
+    assert "ffn1_relu: int8 quantisation failed (no kernel for this op)" in err
+    assert err.count("\n") == 1
+    assert not paths.export_dir(root, variant).exists()
+    assert not paths.export_metrics_path(root, variant).exists()
