@@ -161,8 +161,26 @@ def _environment_error(err: BaseException) -> str | None:
     return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not when main() first ran
+    (logging.basicConfig configures once per process; in-process callers swap sys.stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), format="%(message)s")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), handlers=[handler])
     # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if "MNIST_PIPELINE_LOG" not in os.environ:

@@ -26,14 +26,7 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(
-            name,
-            description=(
-                f"{variant} trained on {dataset} by mnist-pipeline. Input: float32 images "
-                "(N, 1, 28, 28) in [0, 1]; output: class probabilities (N, 10). The alias "
-                f"`{ALIAS}` marks the version with the best test accuracy."
-            ),
-        )
+        _create_registered_model(client, name, dataset, variant)
     existing = [
         v
         for v in client.search_model_versions(f"name = '{name}'")
@@ -71,3 +64,21 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
     )
     print(f"{variant}: registered {name} version {version.version} ({state})")
     return version, promoted
+
+
+def _create_registered_model(client, name: str, dataset: str, variant: str) -> None:
+    """Create the registered model; another host creating it at the same moment is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            name,
+            description=(
+                f"{variant} trained on {dataset} by mnist-pipeline. Input: float32 images "
+                "(N, 1, 28, 28) in [0, 1]; output: class probabilities (N, 10). The alias "
+                f"`{ALIAS}` marks the version with the best test accuracy."
+            ),
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise

@@ -179,6 +179,7 @@ def run_tags(root: Path, variant: str, device_type: str, device_name: str) -> di
 NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
 RUN_KIND_TAG = "run.kind"  # "pipeline" (the params.yaml recipe) or "one-off" (CLI overrides)
 CHECKPOINT_TAG = "checkpoint.md5"  # set once a training run is completely logged
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens the experiment on
 
 
 def run_name(variant: str) -> str:
@@ -237,13 +238,18 @@ def run_description(variant: str, recipe: dict, dataset: str, checksum: str, roo
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
-    """Give the experiment a description, once (a user's own edit is kept)."""
+    """Give the experiment a description and mark it a model-training experiment, once (a
+    user's own edits are kept). MLflow 3's UI opens an experiment of unknown kind on its GenAI
+    (traces) overview; this kind opens on the training runs."""
     import mlflow
 
     experiment = mlflow.get_experiment(experiment_id)
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     if NOTE_TAG in experiment.tags:
         return
-    mlflow.MlflowClient().set_experiment_tag(
+    client.set_experiment_tag(
         experiment_id,
         NOTE_TAG,
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
@@ -255,16 +261,20 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
 
 
 def find_training_run(client, experiment_id: str, checkpoint_md5: str):
-    """The latest completely logged run that trained a checkpoint with these bytes, or None."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    """The latest completely logged run that trained a checkpoint with these bytes, or None.
+    This host's run first: two CPU hosts with one recipe write the same bytes, and each host's
+    evaluation belongs in its own run."""
+    complete = f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
+    for where in (f"{complete} and tags.host = '{host_label()}'", complete):
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=where,
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            return runs[0]
+    return None
 
 
 def logged_model_id(run, name: str) -> str | None:

@@ -1,0 +1,461 @@
+"""The team set-up of docs/team.md on real engines: one `mlflow server` on PostgreSQL with its
+artifacts proxied into S3-compatible storage (moto's server), one DVC remote on that storage.
+
+The module starts, once, a PostgreSQL cluster of its own (temporary folder, free loopback port),
+moto's S3 server and `mlflow server` as docs/team.md says (tests/team_servers.py). Clients hold no
+S3 credentials: every model goes through the server. Then, as a team would:
+
+- two hosts train at the same time, and `compare` shows them side by side;
+- one clone runs the pipeline and pushes to the DVC remote, a fresh clone pulls, is up to date,
+  and its `evaluate` logs into the run that trained the checkpoint;
+- a queued sweep (`dvc exp run --queue`, `dvc queue start -j 2`) lands on the server complete;
+- a server that goes away mid-run: training keeps its results and says how to re-log them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from mnist_pipeline import paths
+from mnist_pipeline import train as train_module
+from mnist_pipeline.cli import main
+from mnist_pipeline.compare import compare
+from mnist_pipeline.config import load_params
+from mnist_pipeline.dataset import file_md5
+from tests.conftest import REPO, Mirror, tiny_params
+from tests.team_servers import (
+    BIN,
+    DB_PASSWORD,
+    S3,
+    S3_KEY,
+    MlflowServer,
+    Postgres,
+    clean_env,
+    create_database,
+    doc_command,
+    doc_commands,
+    doc_values,
+    fill,
+    kill_group,
+    mlflow_server,
+    no_aws_credentials,
+    postgres_cluster,
+    process_group,
+    s3_server,
+)
+from tests.test_failures import _stop_system_metrics, cli
+from tests.test_pipeline import DVC, ran_stages, sh
+
+VARIANTS = ("logistic_regression", "ffn1_relu")  # a linear model and a hidden layer: enough here
+HOSTS = ("laptop", "gpu-box")
+SWEEP_LRS = ("0.02", "0.05", "0.2", "0.3")  # none is params.yaml's 0.1: the baseline's run
+
+
+@dataclass(frozen=True)
+class Team:
+    postgres: Postgres
+    s3: S3
+    server: MlflowServer
+    base: Path  # the module's temporary folder
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> Iterator[Team]:
+    base = tmp_path_factory.mktemp("team")
+    with ExitStack() as stack:
+        postgres = stack.enter_context(postgres_cluster())
+        create_database(postgres)
+        s3 = stack.enter_context(s3_server(base))
+        server = stack.enter_context(mlflow_server(postgres, s3, base / "server"))
+        yield Team(postgres, s3, server, base)
+        mlflow.set_tracking_uri(None)  # the server goes away: no process-wide pointer to it
+
+
+def project_params() -> dict:
+    params = tiny_params()
+    params["variants"] = {v: params["variants"][v] for v in VARIANTS}
+    return params
+
+
+def client_env(team: Team, host: str, experiment: str, mirror: Mirror) -> dict[str, str]:
+    """A team member's shell: the server's URL, a host label, no S3 credentials of any kind."""
+    return {
+        **clean_env(),
+        **no_aws_credentials(team.base),
+        "MLFLOW_TRACKING_URI": team.server.url,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
+        "MNIST_PIPELINE_HOST": host,
+        "MNIST_MIRROR": str(mirror.folder),
+        "MNIST_CHECKSUMS_FILE": str(mirror.checksums),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@localhost",
+    }
+
+
+@pytest.fixture
+def as_client(team: Team, monkeypatch) -> None:
+    """This test process as a client: no S3 credentials either."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in no_aws_credentials(team.base).items():
+        monkeypatch.setenv(name, value)
+
+
+def runs_of(team: Team, experiment: str, filter_string: str = "") -> list:
+    client = mlflow.MlflowClient(team.server.url)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} on the server"
+    return client.search_runs([found.experiment_id], filter_string, max_results=1000)
+
+
+def load_logged_model(run, variant: str) -> mlflow.pyfunc.PyFuncModel:
+    """The run's logged model (named after its variant), loaded through the server."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{variant}'",
+        output_format="list",
+    )
+    assert len(models) == 1, models
+    return mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+
+
+def assert_complete(team: Team, run, variant: str, epochs: int = 1) -> None:
+    """A finished run with everything a run should hold: recipe, every epoch's metrics, the model
+    summary, test metrics, and a model that loads through the server."""
+    mlflow.set_tracking_uri(team.server.url)  # for the model's loading (the fixture resets it)
+    client = mlflow.MlflowClient(team.server.url)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == variant
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: clients hold no keys
+    assert {"variant", "optimizer", "lr", "batch_size", "epochs"} <= set(run.data.params)
+    for metric in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert steps == list(range(1, epochs + 1)), (metric, steps)
+    assert "test/accuracy" in run.data.metrics
+    assert "model_summary.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    model = load_logged_model(run, variant)
+    batch = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    assert np.asarray(model.predict(batch)).shape == (4, 10)
+
+
+# --- the documentation's install lines -----------------------------------------------------------
+
+
+def installed(requirement: str) -> list[str]:
+    """What of `requirement` (its extras included) is not installed here, or in a wrong version."""
+    req = Requirement(requirement)
+    try:
+        version = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        return [f"{requirement}: not installed"]
+    problems = []
+    if not req.specifier.contains(version, prereleases=True):
+        problems.append(f"{requirement}: {version} installed")
+    for extra in req.extras:
+        for dependency in importlib.metadata.requires(req.name) or []:
+            dep = Requirement(dependency)
+            if dep.marker is not None and dep.marker.evaluate({"extra": extra}):
+                problems += installed(str(dep).split(";")[0])
+    return problems
+
+
+def test_the_documented_packages_are_what_these_tests_run(team):
+    """docs/team.md's `pip install` lines name what runs here, drivers included; the backend
+    URI it gives loads its driver (with only psycopg2 installed, SQLAlchemy 2.1 reads
+    `postgresql://` as psycopg 3, and `mlflow server` stopped at once)."""
+    import sqlalchemy.engine
+
+    lines = [words[2:] for words in doc_commands("pip install")]
+    requirements = [r for words in lines for r in words if not r.startswith("-")]
+    assert {Requirement(r).name for r in requirements} >= {"mlflow", "psycopg", "boto3", "dvc"}
+    problems = [p for r in requirements for p in installed(r)]
+    assert not problems, problems
+
+    command = doc_command("mlflow server", "1.", "postgresql")
+    uri = command[command.index("--backend-store-uri") + 1]
+    sqlalchemy.engine.make_url(uri).get_dialect().import_dbapi()  # raises if the driver is absent
+    assert team.server.command[2:4] == [
+        "--backend-store-uri",
+        uri.replace("CHANGE_ME@db.internal:5432", f"{DB_PASSWORD}@127.0.0.1:{team.postgres.port}"),
+    ]  # the module's server is that command (tests/team_servers.py reads it from the docs)
+
+
+# --- two hosts, one server -----------------------------------------------------------------------
+
+
+def make_project(root: Path, mirror: Mirror) -> Path:
+    """A host's copy of the project: params (two variants, one short epoch) and the data."""
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
+    shutil.copytree(mirror.raw, root / "data" / "mnist")
+    return root
+
+
+def test_two_hosts_train_at_once_and_compare_shows_both(
+    team, tiny_mirror, tmp_path, monkeypatch, capsys, as_client
+):
+    experiment = "team-two-hosts"
+    script = " && ".join(
+        f"mnist-pipeline train --variant {v} && mnist-pipeline evaluate --variant {v}"
+        for v in VARIANTS
+    )
+    with ExitStack() as stack:
+        jobs = {}
+        for host in HOSTS:
+            root = make_project(tmp_path / host, tiny_mirror)
+            env = client_env(team, host, experiment, tiny_mirror) | {
+                "MNIST_PIPELINE_ROOT": str(root)
+            }
+            log = tmp_path / f"{host}.log"
+            proc = stack.enter_context(process_group(["bash", "-ec", script], log, env, root))
+            jobs[host] = (proc, log)
+        codes = {host: proc.wait(timeout=600) for host, (proc, _) in jobs.items()}
+
+    # What the team sees first (printed before the checks, so that a failure shows it too).
+    root = tmp_path / HOSTS[0]
+    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    capsys.readouterr()
+    compared = main(["compare"])
+    printed = capsys.readouterr().out
+    print(printed)  # for the record: `pytest -rA` shows it
+    for host, (_, log) in jobs.items():
+        assert codes[host] == 0, log.read_text()[-3000:]
+
+    runs = runs_of(team, experiment)
+    pairs = sorted((r.data.tags["host"], r.data.tags["variant"]) for r in runs)
+    assert pairs == sorted((h, v) for h in HOSTS for v in VARIANTS)  # one run each, no duplicate
+    for run in runs:
+        assert "time/train_seconds" in run.data.metrics
+        assert_complete(team, run, run.data.tags["variant"])
+    # The models went through the server into the bucket.
+    stored = team.s3.keys("mlflow-artifacts/")
+    assert sum(key.endswith("/MLmodel") for key in stored) == len(runs)
+
+    table = compare(load_params(root / "params.yaml"), root)
+    groups = sorted(table.columns.get_level_values(0).unique())
+    assert groups == ["gpu-box · cpu", "laptop · cpu"]
+    assert list(table.index) == list(VARIANTS)
+    for group in groups:
+        for variant in VARIANTS:
+            assert 0 < table.loc[variant, (group, "test/accuracy")] <= 1
+    assert compared == 0
+    assert "laptop · cpu" in printed and "gpu-box · cpu" in printed
+
+
+# --- the DVC remote ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shared:
+    repo: Path  # the clone that ran the pipeline and pushed
+    env: dict[str, str]
+    first: str  # what its `dvc repro` printed
+
+
+def dvc_remote_setup(repo: Path, env: dict, values: dict, local_only: bool = False) -> None:
+    """docs/team.md's `dvc remote` commands (a fresh clone: only the `--local` ones, the
+    credentials, which git does not carry)."""
+    commands = doc_commands("dvc remote", "3.")
+    assert commands, "docs/team.md: no `dvc remote` commands"
+    for words in commands:
+        if local_only and "--local" not in words:
+            continue
+        sh([DVC, *fill(words, values)[1:]], repo, env)
+
+
+@pytest.fixture(scope="module")
+def shared(team, tiny_mirror, tmp_path_factory) -> Shared:
+    """A git + DVC repository with the project, its remote on the team's S3 set up as
+    docs/team.md says, after `dvc repro` and `dvc push`, everything committed."""
+    repo = tmp_path_factory.mktemp("trainer")
+    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(
+        REPO / "src", repo / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
+    env = client_env(team, "trainer", "team-dvc", tiny_mirror)
+    values = doc_values(0, team.postgres, team.s3)
+    sh(["git", "init", "-q"], repo, env)
+    sh([DVC, "init", "-q"], repo, env)
+    sh([DVC, "config", "core.analytics", "false"], repo, env)
+    dvc_remote_setup(repo, env, values)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "project, with the team's DVC remote"], repo, env)
+    first = sh([DVC, "repro"], repo, env)
+    sh([DVC, "push"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "results"], repo, env)
+    return Shared(repo, env, first)
+
+
+def test_dvc_push_then_pull_in_a_fresh_clone_evaluates_into_the_same_run(
+    team, shared, tmp_path, as_client
+):
+    repo, env = shared.repo, shared.env
+    expected = {"download", *(f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS)}
+    assert expected <= set(ran_stages(shared.first))
+    # The credentials stayed out of git; the remote's address did not.
+    tracked = sh(["git", "ls-files", ".dvc"], repo, env).split()
+    assert ".dvc/config" in tracked and ".dvc/config.local" not in tracked
+    assert S3_KEY in (repo / ".dvc" / "config.local").read_text()
+    assert S3_KEY not in (repo / ".dvc" / "config").read_text()
+    assert team.s3.endpoint in (repo / ".dvc" / "config").read_text()
+    assert team.s3.keys("mnist-dvc/")  # the push reached the bucket
+
+    clone = tmp_path / "colleague"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "models").exists() and not (clone / "data" / "mnist").exists()
+    colleague = env | {"MNIST_PIPELINE_HOST": "colleague"}
+    dvc_remote_setup(clone, colleague, doc_values(0, team.postgres, team.s3), local_only=True)
+    sh([DVC, "pull"], clone, colleague)
+    assert "Data and pipelines are up to date." in sh([DVC, "status"], clone, colleague)
+    for variant in VARIANTS:
+        checkpoint = paths.checkpoint_path(clone, variant)
+        assert checkpoint.read_bytes() == paths.checkpoint_path(repo, variant).read_bytes()
+
+    before = {r.info.run_id: r for r in runs_of(team, "team-dvc")}
+    assert sorted(r.data.tags["variant"] for r in before.values()) == sorted(VARIANTS)
+    sh(["mnist-pipeline", "evaluate", "--variant", "ffn1_relu"], clone, colleague)
+
+    after = {r.info.run_id: r for r in runs_of(team, "team-dvc")}
+    assert after.keys() == before.keys()  # no new run...
+    assert not runs_of(team, "team-dvc", "tags.`run.source` = 'checkpoint'")
+    (trained,) = [r for r in after.values() if r.data.tags["variant"] == "ffn1_relu"]
+    md5 = file_md5(paths.checkpoint_path(clone, "ffn1_relu"))
+    assert trained.data.tags["checkpoint.md5"] == md5  # ...the run that trained this checkpoint
+    history = mlflow.MlflowClient(team.server.url).get_metric_history(
+        trained.info.run_id, "test/accuracy"
+    )
+    assert len(history) == 2  # the trainer's evaluation, then the colleague's, in that one run
+    assert_complete(team, trained, "ffn1_relu")
+
+
+# --- a queued sweep ------------------------------------------------------------------------------
+
+
+def queue_workers(repo: Path) -> dict[int, int]:
+    """{pid: process group} of the repository's live queue workers: `dvc queue start` spawns
+    each in a process group of its own, with a pid file; the experiments it runs are in its
+    group."""
+    workers = {}
+    for pidfile in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):
+        with suppress(ProcessLookupError, ValueError):
+            pid = int(pidfile.read_text())
+            workers[pid] = os.getpgid(pid)
+    return workers
+
+
+def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client):
+    repo = shared.repo
+    env = shared.env | {"MLFLOW_EXPERIMENT_NAME": "team-sweep", "MNIST_PIPELINE_HOST": "sweep"}
+    (documented,) = {tuple(w[:5]) for w in doc_commands("dvc exp run --queue", "3.")}
+    for lr in SWEEP_LRS:
+        sh([DVC, *documented[1:], "-S", f"variants.ffn1_relu.lr={lr}"], repo, env)
+    groups: set[int] = set()
+    try:
+        sh([DVC, "queue", "start", "-j", "2"], repo, env)
+        # Each worker ends by itself once the queue is empty: wait for the two to start and end.
+        deadline = time.monotonic() + 540
+        while len(pidfiles := list((repo / ".dvc/tmp/exps/celery").glob("*.pid"))) < 2:
+            assert time.monotonic() < deadline, "the queue workers did not start"
+            time.sleep(0.2)
+        while workers := queue_workers(repo):
+            groups |= set(workers.values())
+            assert time.monotonic() < deadline, sh([DVC, "queue", "status"], repo, env)
+            time.sleep(1)
+        assert len(pidfiles) == 2
+    finally:
+        if queue_workers(repo):
+            subprocess.run([DVC, "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
+        for group in groups:
+            with suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+    status = sh([DVC, "queue", "status"], repo, env)
+    assert status.count("Success") == len(SWEEP_LRS), status
+
+    runs = runs_of(team, "team-sweep")
+    assert sorted(r.data.params["lr"] for r in runs) == sorted(SWEEP_LRS)  # told apart
+    for run in runs:
+        assert run.data.tags["host"] == "sweep"
+        assert_complete(team, run, "ffn1_relu")
+
+
+# --- the server goes away mid-run ----------------------------------------------------------------
+
+
+def test_the_server_going_away_mid_run_keeps_the_results(
+    team, tiny_data, monkeypatch, capsys, as_client
+):
+    """A server process (on the team's PostgreSQL database and bucket) dies after epoch 1 of 3:
+    training goes on, keeps its results, and says how to re-log them; with the team's server up,
+    following that advice records them there."""
+    variant = "ffn1_relu"
+    experiment = "team-server-dies"
+    params = project_params()
+    params["variants"][variant]["epochs"] = 3  # params.yaml's recipe: the pipeline's outputs
+    (tiny_data / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    for name, value in [("MAX_RETRIES", "0"), ("BACKOFF_FACTOR", "0"), ("TIMEOUT", "5")]:
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", value)  # no minutes of retries here
+    with mlflow_server(team.postgres, team.s3, tiny_data.parent / "doomed") as doomed:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", doomed.url)
+        real_call = train_module.EpochLogger.__call__
+
+        def log_then_die(self, row, epoch):
+            real_call(self, row, epoch)
+            if epoch == 1:  # epoch 1 is on the server; then it is gone (the whole group)
+                kill_group(doomed.proc, signal.SIGKILL)
+
+        monkeypatch.setattr(train_module.EpochLogger, "__call__", log_then_die)
+        code, err = cli(capsys, "train", "--variant", variant)
+        _stop_system_metrics()
+
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert f"the tracking store at {doomed.url} failed during training" in line
+    assert "training finished and its results are saved" in line
+    checkpoint = paths.checkpoint_path(tiny_data, variant)
+    assert str(checkpoint.relative_to(tiny_data)) in line
+    assert paths.train_metrics_path(tiny_data, variant).is_file()
+    history = paths.history_path(tiny_data, variant).read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]  # every epoch trained
+    advice = re.findall(r"`(mnist-pipeline evaluate [^`]*)`", line)
+    assert len(advice) == 1, line
+
+    # The store answers again: the team's server, on the same database and bucket.
+    (lost,) = runs_of(team, experiment)
+    assert lost.info.status != "FINISHED"
+    client = mlflow.MlflowClient(team.server.url)
+    assert [m.step for m in client.get_metric_history(lost.info.run_id, "train/loss")] == [1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.server.url)
+    code, err = cli(capsys, *shlex.split(advice[0])[1:])
+    assert code == 0, err
+
+    (relogged,) = runs_of(team, experiment, "tags.`run.source` = 'checkpoint'")
+    assert relogged.info.run_id != lost.info.run_id
+    assert relogged.data.tags["checkpoint.md5"] == file_md5(checkpoint)
+    assert_complete(team, relogged, variant, epochs=3)  # the epochs the lost run never got
