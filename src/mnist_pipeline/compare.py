@@ -230,18 +230,22 @@ def _shown(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _chart(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Grouped bars: test accuracy and throughput per variant, one colour per host · device."""
+    """Grouped bars: test accuracy and throughput per variant, one colour per host · device;
+    the legend above the panels, where it covers no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     groups = list(table.columns.get_level_values(0).unique())
     variants = list(table.index)
     y = np.arange(len(variants))
     height = 0.8 / max(len(groups), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * len(variants) * len(groups)))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 2.2 + 0.4 * len(variants) * max(len(groups), 1.5)), sharey=True
+    )
     panels = (
         ("test/accuracy", 100, "test accuracy, %"),
         ("time/median_samples_per_second", 1, "training images per second (log scale)"),
@@ -249,18 +253,37 @@ def _chart(table: pd.DataFrame, path: Path, experiment: str) -> None:
     for ax, (metric, scale, label) in zip(axes, panels, strict=True):
         for i, group in enumerate(groups):
             values = table[(group, metric)].to_numpy(dtype=float) * scale
-            ax.barh(y + i * height, np.nan_to_num(values), height, label=group)
-        ax.set_yticks(y + height * (len(groups) - 1) / 2, variants, fontsize=8)
-        ax.invert_yaxis()
+            bars = ax.barh(y + i * height, np.nan_to_num(values), height, label=group)
+            text = [f"{v:.2f}" if metric == "test/accuracy" else f"{v:,.0f}" for v in values]
+            ax.bar_label(
+                bars, labels=["" if t == "nan" else t for t in text], fontsize=7, padding=2
+            )
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y + height * (len(groups) - 1) / 2, variants, fontsize=8)
+    axes[0].invert_yaxis()
     accuracy = table.xs("test/accuracy", axis=1, level=1).to_numpy(dtype=float) * 100
     if np.isfinite(accuracy).any():
-        axes[0].set_xlim(max(0.0, np.nanmin(accuracy) - 5), 100)
-    axes[1].set_xscale("log")
-    axes[1].set_yticklabels([])
-    axes[0].legend(fontsize=8, loc="lower left")
+        axes[0].set_xlim(max(0.0, np.nanmin(accuracy) - 3), 100.5)
+    speed = axes[1]
+    speed.set_xscale("log")
+    speed.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+    speed.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    speed.xaxis.set_minor_formatter(NullFormatter())
+    throughput = table.xs("time/median_samples_per_second", axis=1, level=1).to_numpy(float)
+    if np.isfinite(throughput).any():
+        speed.set_xlim(np.nanmin(throughput) / 2, np.nanmax(throughput) * 3)  # room for labels
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncols=min(len(groups), 4),
+        fontsize=8,
+        bbox_to_anchor=(0.5, 0.95),
+        frameon=False,
+    )
     fig.suptitle(f"{experiment}: variants by host · device")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -83,10 +83,10 @@ def _chart(table, path: Path, dataset: str) -> None:
     left.scatter(table["params"], accuracy, zorder=3)
     left.set_xscale("log")
     left.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
     left.xaxis.set_minor_formatter(NullFormatter())
     low, high = table["params"].min(), table["params"].max()
-    left.set_xlim(low / 1.6, high * 6)  # room on the right for the labels
+    left.set_xlim(low / 1.6, high * 4)  # room on the right for the labels
     span = max(accuracy.max() - accuracy.min(), 1.0)
     left.set_ylim(accuracy.min() - 0.12 * span, accuracy.max() + 0.12 * span)
     # Labels to the right of their points, nudged apart vertically where points crowd.
@@ -130,3 +130,11 @@ def _spread(values: list[float], gap: float) -> list[float]:
         placed.append(max(v, placed[-1] + gap) if placed else v)
     shift = (sum(placed) - sum(values)) / max(len(values), 1)
     return [p - shift for p in placed]
+
+
+def _compact(value: float) -> str:
+    """10,000 -> 10k, 2,000,000 -> 2M: tick labels that fit side by side on a log axis."""
+    for divisor, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= divisor:
+            return f"{value / divisor:g}{suffix}"
+    return f"{value:g}"
