@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup pipeline test test-slow lint format ui benchmark clean
+.PHONY: help setup postgres pipeline test test-slow lint format ui benchmark clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,10 +24,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv with the project and its dev tools
 
+# tests/test_team.py starts a PostgreSQL server of its own (initdb in a temporary folder): it needs
+# Debian's server programs (/usr/lib/postgresql/<version>/bin). Installed as root or with
+# password-less sudo; otherwise those tests are skipped (and fail under CI=true).
+postgres: ## install Debian's PostgreSQL server programs if they are missing
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  echo "installing Debian's postgresql (for tests/test_team.py)"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
+	  || echo "could not install postgresql: tests/test_team.py will be skipped"; \
+	fi
+
 pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
 	$(BIN)/dvc repro
 
-test: $(STAMP) ## Ruff (lint + format check) and the default test run
+test: $(STAMP) postgres ## Ruff (lint + format check) and the default test run
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

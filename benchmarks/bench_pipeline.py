@@ -4,15 +4,15 @@
 
 Clones this repository (HEAD) into a temporary folder, runs `dvc repro` there with the current
 environment, timestamps each stage from DVC's output, and reads the training time each train
-stage measured (metrics/train/*.json: the sum of its epochs' training passes). Prints the stages'
-wall times and how much of the total is training and how much overhead (process start-up,
-imports, data loading, validation, logging, evaluation, DVC's own bookkeeping).
+stage measured from the clone's MLflow store (`time/train_seconds`: the sum of its epochs'
+training passes; timings are not DVC outputs, so that the outputs are byte-reproducible).
+Prints the stages' wall times and how much of the total is training and how much overhead
+(process start-up, imports, data loading, validation, logging, evaluation, DVC's bookkeeping).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -57,10 +57,7 @@ def main() -> int:
         if proc.wait() != 0:
             print(f"dvc repro failed (exit {proc.returncode})", file=sys.stderr)
             return 1
-        training = {
-            p.stem: json.loads(p.read_text())["time/train_seconds"]
-            for p in sorted((work / "metrics" / "train").glob("*.json"))
-        }
+        training = training_seconds(work / "mlflow.db")
 
     kinds: dict[str, float] = defaultdict(float)
     for stage, seconds in stage_seconds.items():
@@ -80,6 +77,22 @@ def main() -> int:
         print(f"{label:32} {extra:8.1f} s")
     print(f"\ntotal / training: {total / trained:.2f}x")
     return 0
+
+
+def training_seconds(store: Path) -> dict[str, float]:
+    """variant -> time/train_seconds of its latest finished run in the store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    )
+    return {
+        r.data.tags["variant"]: r.data.metrics["time/train_seconds"]
+        for r in runs
+        if "variant" in r.data.tags and "time/train_seconds" in r.data.metrics
+    }
 
 
 if __name__ == "__main__":
