@@ -1,5 +1,5 @@
 """The real pipeline: `dvc repro` in a temporary git repository holding a copy of the project,
-on the tiny data set served as a mirror, every variant shrunk to one short epoch."""
+on the tiny data set served as a mirror, four variants shrunk to one short epoch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import mlflow
 import pytest
 import yaml
 
-from mnist_pipeline.models import VARIANTS
 from tests.conftest import REPO, tiny_params
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -37,6 +36,16 @@ def per_variant(*variants: str) -> list[str]:
 
 
 DVC_YAML = (REPO / "dvc.yaml").read_text()
+# Four variants, one of each kind of head and optimizer, and ffn1_tanh (changed below): the stages
+# are the same for every variant, and each costs seconds of process start-up. Every variant runs
+# through train, evaluate and the registry in test_registry.py; the full table in test_full_data.
+VARIANTS = ("logistic_regression", "ffn1_tanh", "mlp_tanh_sigmoid_softmax", "mlp_relu_dropout")
+
+
+def pipeline_params() -> dict:
+    params = tiny_params()
+    params["variants"] = {k: v for k, v in params["variants"].items() if k in VARIANTS}
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
     shutil.copytree(
         REPO / "src", repo / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(pipeline_params(), sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_", "DVC_"))}
     env |= {
         "MNIST_MIRROR": str(tiny_mirror.folder),
@@ -80,7 +89,8 @@ def test_all_stages_run(pipeline):
         assert (repo / "plots" / "predictions" / f"{variant}.csv").is_file()
         test = json.loads((repo / "metrics" / "test" / f"{variant}.json").read_text())
         assert 0 <= test["test/accuracy"] <= 1
-    assert (repo / "reports" / "results.md").read_text().count("|") > 9 * 10
+    rows = (repo / "reports" / "results.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in rows) == 1 + len(VARIANTS)  # header + variants
     assert (repo / "reports" / "results.png").stat().st_size > 10_000
 
 
@@ -172,9 +182,9 @@ def test_an_identical_retrain_reruns_nothing_downstream(pipeline):
 def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
     repo, env, _ = pipeline
     cli = str(Path(sys.executable).with_name("mnist-pipeline"))
-    out = sh([cli, "train", "--variant", "ffn1_relu", "--epochs", "2"], repo, env)
+    out = sh([cli, "train", "--variant", "ffn1_tanh", "--epochs", "2"], repo, env)
     assert "one-off" in out
-    assert (repo / "one-off" / "ffn1_relu" / "model.pt").is_file()
+    assert (repo / "one-off" / "ffn1_tanh" / "model.pt").is_file()
     assert "up to date" in sh([DVC, "status"], repo, env).lower()
     assert "one-off" not in sh(["git", "status", "--porcelain"], repo, env)  # git-ignored
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
@@ -183,4 +193,4 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
         filter_string="tags.`run.kind` = 'one-off'",
         output_format="list",
     )
-    assert run.data.tags["variant"] == "ffn1_relu" and run.data.params["epochs"] == "2"
+    assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"

@@ -176,7 +176,9 @@ def _log_to_mlflow(root, uri, params, variant, model, metrics, cm, data, pred, m
     test_set = tracking.datasets(params, data.checksum)["evaluation"]
     tracking.log_datasets(client, run_id, {"evaluation": test_set})
     now = int(time.time() * 1000)
-    summary = {k: v for k, v in metrics.items() if not k.startswith("test/accuracy_class_")}
+    summary = {  # six places, as in the DVC metrics file: what the UI's tables show
+        k: round(v, 6) for k, v in metrics.items() if not k.startswith("test/accuracy_class_")
+    }
     client.log_batch(
         run_id,
         metrics=[

@@ -32,13 +32,14 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
         for v in client.search_model_versions(f"name = '{name}'")
         if v.source == f"models:/{model_id}"
     ]
-    version = (
-        existing[0]
-        if existing
-        else client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id
-        )
-    )
+    if existing:
+        version = existing[0]
+    else:
+        import mlflow
+
+        # MLflow's own registration: it also links the version to the logged model (the Models
+        # tab's "Registered models" column).
+        version = mlflow.register_model(f"models:/{model_id}", name)
     tags = run.data.tags
     for key, value in {
         "host": tags.get("host", "unknown"),

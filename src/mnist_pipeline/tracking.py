@@ -253,10 +253,10 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
         experiment_id,
         NOTE_TAG,
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
-        "variant per host, named `variant@host`. Compare variants with the `test/accuracy` "
-        "column (or the Models tab, which ranks each variant's logged model), hosts by grouping "
-        "runs by the `host` tag. Runs tagged `run.kind=one-off` used a recipe other than "
-        "params.yaml's.",
+        "variant per host, named `variant@host`. Which variant is best: sort the runs by the "
+        "`test/accuracy` column. How hosts compare: group the runs by the `host` tag, or "
+        "`mnist-pipeline compare`. Runs tagged `run.kind=one-off` used a recipe other than "
+        "params.yaml's; each variant's best model is `models:/<dataset>-<variant>@champion`.",
     )
 
 

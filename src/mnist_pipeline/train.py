@@ -112,6 +112,7 @@ def train_epoch(
         preds.append(logits.detach().argmax(1))
         if progress is not None:
             progress.update(len(yb))
+        check_signals()
     sizes = torch.tensor([min(batch_size, n - s) for s in range(0, n, batch_size)])
     mean_loss = (torch.stack(losses).cpu() * sizes).sum() / n
     targets = data.y if order is None else data.y[order]
@@ -142,20 +143,43 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so the run ends KILLED and no checkpoint is written."""
 
 
-@contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    def handler(signum, frame):
-        raise Terminated()
+class _Signals:
+    """Ctrl-C and SIGTERM while training: the handler only notes the signal, and training acts on
+    it between two steps (`check_signals`). Raised wherever the signal landed, the exception could
+    start inside MLflow's or SQLAlchemy's code with a lock held, and the run's clean-up then hung.
+    A second signal acts at once."""
 
+    received: int | None = None
+
+
+def _interruption(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def check_signals() -> None:
+    if _Signals.received is not None:
+        raise _interruption(_Signals.received)
+
+
+@contextmanager
+def signals_between_steps() -> Iterator[None]:
+    def handler(signum, frame):
+        if _Signals.received is not None:
+            raise _interruption(signum)
+        _Signals.received = signum
+
+    _Signals.received = None
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _Signals.received = None
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -226,8 +250,9 @@ def train(
         log_system_metrics=True,
     )
     run_id = run.info.run_id
-    # From here on SIGTERM ends the run KILLED like Ctrl-C does, checkpoint writing included.
-    with sigterm_as_exception():
+    # From here on Ctrl-C and SIGTERM end the run KILLED, between two training steps, and nothing
+    # is saved; once saving has begun, a signal waits for the run to be complete.
+    with signals_between_steps():
         status = "FAILED"
         try:
             mlflow.log_params(
@@ -248,6 +273,7 @@ def train(
                 model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
             )
             kept = _keep_epoch(model, history, settings.keep)
+            check_signals()  # the last point at which nothing has been saved
             _write_local_results(outputs, variant, model, recipe, history, kept, num_params, data)
             saved = ", ".join(
                 str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics)
@@ -263,11 +289,11 @@ def train(
             seconds = [row["time/epoch_seconds"] for row in history]
             mlflow.log_metrics(
                 {
-                    "time/train_seconds": sum(seconds),
+                    "time/train_seconds": round(sum(seconds), 4),
                     # Medians over the epochs (the first pays for warm-up): what `compare` shows.
-                    "time/median_epoch_seconds": statistics.median(seconds),
-                    "time/median_samples_per_second": statistics.median(
-                        row["time/samples_per_second"] for row in history
+                    "time/median_epoch_seconds": round(statistics.median(seconds), 4),
+                    "time/median_samples_per_second": round(
+                        statistics.median(row["time/samples_per_second"] for row in history)
                     ),
                     "kept_epoch": kept,
                 }
@@ -287,6 +313,8 @@ def train(
             # Last: the run is complete, and evaluate finds it by the checkpoint's bytes.
             mlflow.set_tag(tracking.CHECKPOINT_TAG, file_md5(outputs.checkpoint))
             status = "FINISHED"
+            if _Signals.received is not None:
+                print(f"{variant}: a signal came while saving; the run is done", file=sys.stderr)
         except (KeyboardInterrupt, Terminated):
             status = "KILLED"
             raise
