@@ -71,7 +71,7 @@ def main() -> int:
     print(f"\ntotal wall time of dvc repro:   {total:8.1f} s")
     print(f"sum of training times:          {trained:8.1f} s")
     print(f"overhead:                       {total - trained:8.1f} s")
-    for kind in ("(dvc start-up)", "download", "train", "evaluate", "report"):
+    for kind in ("(dvc start-up)", "download", "train", "evaluate", "export", "report"):
         extra = kinds[kind] - (trained if kind == "train" else 0)
         label = f"  {kind}{' (outside training)' if kind == 'train' else ''}:"
         print(f"{label:32} {extra:8.1f} s")
