@@ -50,14 +50,19 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
     }.items():
         client.set_model_version_tag(name, version.version, key, value)
 
-    try:
-        champion = client.get_model_version_by_alias(name, ALIAS)
-        best = float(champion.tags.get(ACCURACY_TAG, "-1"))
-    except MlflowException:
-        champion, best = None, -1.0
-    promoted = champion is None or (accuracy > best and champion.version != version.version)
-    if promoted:
-        client.set_registered_model_alias(name, ALIAS, version.version)
+    # Two hosts evaluating at once may both try to set the alias; the store refuses the second
+    # (a unique key), which then looks at the champion again.
+    for attempt in range(3):
+        champion, best = _champion(client, name)
+        promoted = champion is None or (accuracy > best and champion.version != version.version)
+        if not promoted:
+            break
+        try:
+            client.set_registered_model_alias(name, ALIAS, version.version)
+            break
+        except MlflowException:
+            if attempt == 2:
+                raise
     state = (
         "champion"
         if promoted or (champion and champion.version == version.version)
@@ -83,3 +88,14 @@ def _create_registered_model(client, name: str, dataset: str, variant: str) -> N
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _champion(client, name: str):
+    """The champion version and its test accuracy, or (None, -1)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None, -1.0
+    return champion, float(champion.tags.get(ACCURACY_TAG, "-1"))
