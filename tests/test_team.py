@@ -395,7 +395,12 @@ def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client):
             with suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
     status = sh([DVC, "queue", "status"], repo, env)
-    assert status.count("Success") == len(SWEEP_LRS), status
+    failed = [line.split()[0] for line in status.splitlines() if " Failed" in line]
+    logs = [
+        subprocess.run([DVC, "queue", "logs", task], cwd=repo, env=env, capture_output=True).stdout
+        for task in failed
+    ]
+    assert status.count("Success") == len(SWEEP_LRS), status + "\n".join(logs)[-4000:]
 
     runs = runs_of(team, "team-sweep")
     assert sorted(r.data.params["lr"] for r in runs) == sorted(SWEEP_LRS)  # told apart

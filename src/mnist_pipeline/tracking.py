@@ -3,6 +3,7 @@ boundaries; `mlflow` itself is called directly by the stages."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -242,21 +243,27 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
     user's own edits are kept). MLflow 3's UI opens an experiment of unknown kind on its GenAI
     (traces) overview; this kind opens on the training runs."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment(experiment_id)
     client = mlflow.MlflowClient()
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    if NOTE_TAG in experiment.tags:
-        return
-    client.set_experiment_tag(
-        experiment_id,
-        NOTE_TAG,
+    tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: _experiment_note(dataset)}
+    for key, value in tags.items():
+        if key in experiment.tags:
+            continue
+        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
+        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
+        with contextlib.suppress(MlflowException):
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def _experiment_note(dataset: str) -> str:
+    return (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
         "variant per host, named `variant@host`. Which variant is best: sort the runs by the "
         "`test/accuracy` column. How hosts compare: group the runs by the `host` tag, or "
         "`mnist-pipeline compare`. Runs tagged `run.kind=one-off` used a recipe other than "
-        "params.yaml's; each variant's best model is `models:/<dataset>-<variant>@champion`.",
+        "params.yaml's; each variant's best model is `models:/<dataset>-<variant>@champion`."
     )
 
 
