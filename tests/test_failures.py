@@ -205,6 +205,25 @@ def test_bad_params_in_a_real_process_print_one_line(tiny_data):
     assert one_line(err).startswith("mnist-pipeline train: error: ")
 
 
+def test_a_real_process_that_succeeds_leaves_nothing_behind_when_it_exits(tiny_data):
+    """The command skips the interpreter's teardown (cli.entry): what it printed to a pipe, its
+    exit status and everything it recorded must still all be there."""
+    proc = python_cli(
+        "train", "--variant", VARIANT, cwd=tiny_data, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1].startswith(f"{VARIANT}: MLflow run "), out
+    (run,) = runs(tiny_data)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["checkpoint.md5"] == file_md5(
+        tiny_data / "models" / VARIANT / "model.pt"
+    )  # the last thing train records
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_data / 'mlflow.db'}")
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.status.name == "READY"
+
+
 def test_a_variant_without_a_recipe(tiny_data, capsys):
     edit_params(tiny_data, lambda p: p["variants"].pop(VARIANT))
     code, err = cli(capsys, "train", "--variant", VARIANT)

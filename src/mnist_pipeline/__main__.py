@@ -1,3 +1,3 @@
-from mnist_pipeline.cli import main
+from mnist_pipeline.cli import entry
 
-raise SystemExit(main())
+entry()
