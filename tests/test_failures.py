@@ -35,6 +35,7 @@ from mnist_pipeline import train as train_module
 from mnist_pipeline.cli import main
 from mnist_pipeline.dataset import FILES, file_md5
 from mnist_pipeline.models import VARIANTS, Architecture
+from tests.conftest import tiny_params
 
 VARIANT = "ffn1_relu"
 
@@ -759,3 +760,66 @@ def test_two_trainings_at_once_on_a_fresh_local_store(tiny_data, tmp_path):
         assert model.status == "READY"  # (loading it back: test_train.py)
         checkpoint = paths.one_off_outputs(tiny_data, variant).checkpoint  # (--epochs 2)
         assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
+
+
+class _OtherJobFirst:
+    """A tracking client whose first `log_inputs` loses the race to another job: that job's run
+    logs the same datasets first (for real, in the same store), and this call is then refused as
+    the team's PostgreSQL server refused it in a two-host run."""
+
+    REFUSAL = (
+        "BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique "
+        'constraint "dataset_pk"'
+    )
+
+    def __init__(self, client: mlflow.MlflowClient, other_run: str, refusal: str = REFUSAL):
+        self.client, self.other_run, self.refusal, self.calls = client, other_run, refusal, 0
+
+    def log_inputs(self, run_id: str, datasets: list) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.client.log_inputs(self.other_run, datasets=datasets)
+            raise mlflow.exceptions.MlflowException(self.refusal)
+        self.client.log_inputs(run_id, datasets=datasets)
+
+
+def _two_runs(tmp_path: Path) -> tuple[mlflow.MlflowClient, str, str]:
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("two-jobs")
+    return client, *(client.create_run(experiment).info.run_id for _ in range(2))
+
+
+def _inputs(client: mlflow.MlflowClient, run_id: str) -> set[tuple[str, str]]:
+    return {
+        (d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs
+    }
+
+
+def test_two_jobs_logging_the_same_data_at_once_both_link_it(tmp_path):
+    """MLflow's store looks a dataset up, then inserts it; two hosts starting at once both
+    insert, and the store refuses the second by its unique key (seen in test_team.py's two-host
+    run). The loser tries again and links the winner's dataset."""
+    from mnist_pipeline.config import load_params
+    from mnist_pipeline.tracking import datasets, log_datasets
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
+    client, ours, theirs = _two_runs(tmp_path)
+    racing = _OtherJobFirst(client, theirs)
+    log_datasets(racing, ours, found)
+    assert racing.calls == 2
+    assert _inputs(client, ours) == _inputs(client, theirs)
+    assert len(_inputs(client, ours)) == len(found) == 3
+
+
+def test_a_store_error_that_is_not_the_race_is_not_retried(tmp_path):
+    from mnist_pipeline.config import load_params
+    from mnist_pipeline.tracking import datasets, log_datasets
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
+    client, ours, theirs = _two_runs(tmp_path)
+    failing = _OtherJobFirst(client, theirs, refusal="RESOURCE_DOES_NOT_EXIST: run not found")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="run not found"):
+        log_datasets(failing, ours, found)
+    assert failing.calls == 1 and _inputs(client, ours) == set()

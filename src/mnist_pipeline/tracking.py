@@ -214,18 +214,35 @@ def datasets(params: Params, checksum: str) -> dict:
     }
 
 
-def log_datasets(client, run_id: str, found: dict) -> None:
-    """Log dataset inputs {context: dataset} to a run."""
+# How a store refuses a second insert of the same key: PostgreSQL (psycopg), SQLite, MySQL.
+_DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def log_datasets(client, run_id: str, found: dict, attempts: int = 3) -> None:
+    """Log dataset inputs {context: dataset} to a run.
+
+    Two hosts (or two queued jobs) starting on the same data at once race in MLflow's store: it
+    looks the datasets up, then inserts the missing ones, and the second insert breaks the unique
+    key (experiment, name, digest). The store rolls that call back whole, so trying again finds
+    the other host's dataset and links it."""
+    import time
+
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    client.log_inputs(
-        run_id,
-        datasets=[
-            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-            for context, ds in found.items()
-        ],
-    )
+    inputs = [
+        DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for context, ds in found.items()
+    ]
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if attempt == attempts or not any(key in str(err) for key in _DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * attempt)
 
 
 def run_description(variant: str, recipe: dict, dataset: str, checksum: str, root: Path) -> str:
