@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_pipeline import training_seconds  # this folder: the script's own
 
 
 def main() -> int:
@@ -43,15 +44,11 @@ def main() -> int:
         return 1
     total = time.perf_counter() - start
 
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"attributes.start_time >= {started_ms}",
+    training = training_seconds(Path.cwd() / "mlflow.db", since_ms=started_ms)
+    trained = sum(training.values())
+    print(
+        f"\none process: {total:.1f} s in all, {trained:.1f} s of training ({len(training)} runs)"
     )
-    trained = sum(r.data.metrics.get("time/train_seconds", 0.0) for r in runs)
-    print(f"\none process: {total:.1f} s in all, {trained:.1f} s of training ({len(runs)} runs)")
     print(f"total / training: {total / trained:.2f}x")
     return 0
 

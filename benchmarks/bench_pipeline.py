@@ -81,14 +81,17 @@ def main() -> int:
     return 0
 
 
-def training_seconds(store: Path) -> dict[str, float]:
-    """variant -> time/train_seconds of its latest finished run in the store."""
+def training_seconds(store: Path, since_ms: int = 0) -> dict[str, float]:
+    """variant -> time/train_seconds of its latest finished run in the store (started at or
+    after `since_ms`, milliseconds since the epoch)."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
-        experiments, "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+        experiments,
+        f"attributes.status = 'FINISHED' and attributes.start_time >= {since_ms}",
+        order_by=["attributes.start_time ASC"],
     )
     return {
         r.data.tags["variant"]: r.data.metrics["time/train_seconds"]

@@ -783,10 +783,16 @@ class _OtherJobFirst:
         self.client.log_inputs(run_id, datasets=datasets)
 
 
-def _two_runs(tmp_path: Path) -> tuple[mlflow.MlflowClient, str, str]:
+def _two_runs(tmp_path: Path) -> tuple[dict, mlflow.MlflowClient, str, str]:
+    """The tiny params' dataset inputs, and two runs in a fresh SQLite store."""
+    from mnist_pipeline.config import load_params
+    from mnist_pipeline.tracking import datasets
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("two-jobs")
-    return client, *(client.create_run(experiment).info.run_id for _ in range(2))
+    return found, client, *(client.create_run(experiment).info.run_id for _ in range(2))
 
 
 def _inputs(client: mlflow.MlflowClient, run_id: str) -> set[tuple[str, str]]:
@@ -799,12 +805,9 @@ def test_two_jobs_logging_the_same_data_at_once_both_link_it(tmp_path):
     """MLflow's store looks a dataset up, then inserts it; two hosts starting at once both
     insert, and the store refuses the second by its unique key (seen in test_team.py's two-host
     run). The loser tries again and links the winner's dataset."""
-    from mnist_pipeline.config import load_params
-    from mnist_pipeline.tracking import datasets, log_datasets
+    from mnist_pipeline.tracking import log_datasets
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
-    client, ours, theirs = _two_runs(tmp_path)
+    found, client, ours, theirs = _two_runs(tmp_path)
     racing = _OtherJobFirst(client, theirs)
     log_datasets(racing, ours, found)
     assert racing.calls == 2
@@ -813,12 +816,9 @@ def test_two_jobs_logging_the_same_data_at_once_both_link_it(tmp_path):
 
 
 def test_a_store_error_that_is_not_the_race_is_not_retried(tmp_path):
-    from mnist_pipeline.config import load_params
-    from mnist_pipeline.tracking import datasets, log_datasets
+    from mnist_pipeline.tracking import log_datasets
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
-    client, ours, theirs = _two_runs(tmp_path)
+    found, client, ours, theirs = _two_runs(tmp_path)
     failing = _OtherJobFirst(client, theirs, refusal="RESOURCE_DOES_NOT_EXIST: run not found")
     with pytest.raises(mlflow.exceptions.MlflowException, match="run not found"):
         log_datasets(failing, ours, found)

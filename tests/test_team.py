@@ -369,7 +369,10 @@ def queue_workers(repo: Path) -> dict[int, int]:
     return workers
 
 
-FINAL = (["Success"], ["Failed"])  # the last column of `dvc queue status`: a task that ended
+def queue_states(status: str) -> dict[str, str]:
+    """{task: state} from `dvc queue status` (its first and last columns)."""
+    states = ("Queued", "Running", "Success", "Failed")
+    return {w[0]: w[-1] for line in status.splitlines() if (w := line.split()) and w[-1] in states}
 
 
 def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client, tmp_path):
@@ -399,7 +402,7 @@ def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client, 
             workers = queue_workers(repo)  # read before the status: one may end just after it
             groups |= set(workers.values())
             status = sh([DVC, "queue", "status"], repo, env)
-            ended = [line for line in status.splitlines() if line.split()[-1:] in FINAL]
+            ended = [s for s in queue_states(status).values() if s in ("Success", "Failed")]
             if len(ended) == len(SWEEP_LRS):
                 break
             assert workers, "the queue workers stopped with tasks left:\n" + status
@@ -412,7 +415,7 @@ def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client, 
             with suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
     status = sh([DVC, "queue", "status"], repo, env)
-    failed = [line.split()[0] for line in status.splitlines() if " Failed" in line]
+    failed = [task for task, state in queue_states(status).items() if state == "Failed"]
     logs = [
         subprocess.run([DVC, "queue", "logs", task], cwd=repo, env=env, capture_output=True).stdout
         for task in failed
