@@ -1,5 +1,5 @@
-"""The evaluate stage: metrics files, the DVC confusion plot, logging into the training run, and a
-new run recorded from the checkpoint when the training run is not in this tracking store."""
+"""The evaluate stage: metrics files, the DVC confusion plot, the record made from them in the
+training run, and a run rebuilt from the outputs when the training run is not in this store."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ from mnist_pipeline.cli import main
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.evaluate import DVC_METRICS, classification_metrics, evaluate
+from mnist_pipeline.evaluate import evaluate
+from mnist_pipeline.metrics import DVC_METRICS, classification_metrics, confusion
 from mnist_pipeline.train import train
 
 
 def test_classification_metrics_by_hand():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 1, 1, 1, 2, 0])
-    metrics, cm = classification_metrics(y, pred, loss=0.5)
+    cm = confusion(y, pred)
+    metrics = classification_metrics(cm, loss=0.5)
     assert cm[0].tolist()[:3] == [1, 1, 0] and cm[1].tolist()[:3] == [0, 2, 0]
     assert metrics["test/accuracy"] == pytest.approx(4 / 6)
     # class 0: p=1/2 r=1/2; class 1: p=2/3 r=1; class 2: p=1 r=1/2; classes 3-9 absent -> 0
@@ -80,7 +82,7 @@ def test_an_identical_retrain_is_evaluated_in_its_latest_run(tiny_data):
     assert runs["test/accuracy"].notna().all() and len(runs) == 2
 
 
-def test_checkpoint_from_another_store_gets_a_new_linked_run(tiny_data, monkeypatch):
+def test_checkpoint_from_another_store_gets_a_run_rebuilt_from_the_outputs(tiny_data, monkeypatch):
     root = tiny_data
     params = load_params(root / "params.yaml")
     trained = train(params, "ffn2_relu", root)  # into <root>/mlflow.db
@@ -92,7 +94,7 @@ def test_checkpoint_from_another_store_gets_a_new_linked_run(tiny_data, monkeypa
     mlflow.set_tracking_uri(f"sqlite:///{other}")
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.run_id != trained.run_id and run.info.status == "FINISHED"
-    assert run.data.tags["run.source"] == "checkpoint"
+    assert run.data.tags["record.source"] == "outputs"
     assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, "ffn2_relu"))
     assert run.data.tags["run.kind"] == "pipeline"
     assert run.data.params["lr"] == str(params.variants["ffn2_relu"].lr)

@@ -30,11 +30,12 @@ import pytest
 import torch
 import yaml
 
-from mnist_pipeline import fileio, paths
+from mnist_pipeline import checkpoint, fileio, paths, record
 from mnist_pipeline import train as train_module
 from mnist_pipeline.cli import main
+from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import FILES, file_md5
-from mnist_pipeline.models import VARIANTS, Architecture
+from mnist_pipeline.models import VARIANTS, Architecture, build_model
 from tests.conftest import tiny_params
 
 VARIANT = "ffn1_relu"
@@ -516,17 +517,30 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, capsys, monkeypatch,
 # --- tracking ------------------------------------------------------------------------------------
 
 
-def test_unreachable_server_fails_evaluate_at_once(tiny_data, capsys, monkeypatch):
-    # `train` and `compare` against a closed port: test_server.py
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["train", "--variant", VARIANT], id="train"),
+        pytest.param(["evaluate", "--variant", VARIANT], id="evaluate"),
+        pytest.param(["export", "--variant", VARIANT], id="export"),
+        pytest.param(["sync"], id="sync"),
+        pytest.param(["compare"], id="compare"),
+    ],
+)
+def test_an_unreachable_server_is_one_line_before_any_work(tiny_data, capsys, monkeypatch, command):
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    start = time.monotonic()
-    code, err = cli(capsys, "evaluate", "--variant", VARIANT)
-    assert code == 1 and time.monotonic() - start < 5
+    if command[0] == "export":  # it looks for the checkpoint first
+        params = load_params(tiny_data / "params.yaml")
+        path = paths.checkpoint_path(tiny_data, VARIANT)
+        checkpoint.save(path, build_model(VARIANT), VARIANT, params.variants[VARIANT])
+    before = outputs(tiny_data)
+    code, err = cli(capsys, *command)
+    assert code == 1
     line = one_line(err)
     assert f"cannot reach the MLflow tracking server at {uri}" in line
     assert "MLFLOW_TRACKING_URI" in line
-    assert outputs(tiny_data) == {} and not (tiny_data / "mlflow.db").exists()
+    assert outputs(tiny_data) == before and not (tiny_data / "mlflow.db").exists()
 
 
 def test_a_broken_local_store_fails_before_training(tiny_data, capsys):
@@ -539,57 +553,19 @@ def test_a_broken_local_store_fails_before_training(tiny_data, capsys):
 
 
 def _check_relogged(root: Path, store_uri: str, lost_run_id: str, capsys) -> None:
-    """Follow the advice: `evaluate` records a new run from the checkpoint, linked to it."""
-    code, err = cli(capsys, "evaluate", "--variant", VARIANT)
+    """Follow the advice: `sync` records a run rebuilt from the outputs, linked to the
+    checkpoint, with the epochs the lost run never got."""
+    code, err = cli(capsys, "sync")
     assert code == 0, err
     client = mlflow.MlflowClient(store_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    new = client.search_runs(experiments, "tags.`run.source` = 'checkpoint'")
-    assert len(new) == 1
-    run = new[0]
+    (run,) = client.search_runs(experiments, "tags.`record.source` = 'outputs'")
     assert run.info.status == "FINISHED" and run.info.run_id != lost_run_id
     assert run.data.tags["run.kind"] == "pipeline"
     checkpoint = paths.checkpoint_path(root, VARIANT)
     assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
-    assert "test/accuracy" in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "val/accuracy")
-    assert [m.step for m in history] == [1, 2, 3]  # the epochs the lost run never got
-
-
-def test_tracking_store_failing_mid_run(project, capsys, monkeypatch):
-    """The store fails after epoch 1 (here: MLflow's call raises; a real server that dies is
-    the slow test below). Training finishes, its results are saved, the user is told how to
-    re-log them, and doing so records a new run linked to the checkpoint."""
-    real_log_metrics = mlflow.log_metrics
-    calls, store_down = [], [True]
-
-    def log_metrics(metrics, step=None, **kwargs):
-        if store_down[0]:
-            calls.append(step)
-            if step is not None and step >= 2:
-                raise mlflow.exceptions.MlflowException("API request failed: Connection refused")
-        return real_log_metrics(metrics, step=step, **kwargs)
-
-    monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
-    set_recipe(project, epochs=3)
-    code, err = cli(capsys, "train", "--variant", VARIANT)
-    store_down[0] = False  # the store answers again
-
-    assert code == 1
-    assert "Traceback" not in err
-    warning, line = err.strip().splitlines()
-    assert warning.startswith("warning: could not log epoch 2 to MLflow") and "continues" in warning
-    assert line.startswith("mnist-pipeline train: error: ffn1_relu: the tracking store at")
-    assert "training finished and its results are saved (models/ffn1_relu/model.pt" in line
-    assert "`mnist-pipeline evaluate --variant ffn1_relu` records them as a new run" in line
-    assert calls == [1, 2]  # after the first error, no more tries...
-    history = paths.history_path(project, VARIANT).read_text().splitlines()
-    assert len(history) == 1 + 3  # ...and training went on to the end
-    (lost,) = runs(project)
-    assert lost.info.status == "FAILED"
-    assert "checkpoint.md5" not in lost.data.tags  # no claim it holds the checkpoint
-
-    _check_relogged(project, f"sqlite:///{project / 'mlflow.db'}", lost.info.run_id, capsys)
+    assert [m.step for m in history] == [1, 2, 3]
 
 
 @pytest.fixture
@@ -630,14 +606,15 @@ def mlflow_server(
         proc.wait()
 
 
-@pytest.mark.slow
 def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_server):
+    """The server dies after epoch 1. Training finishes, its results are saved, the user is
+    told how to record them, and doing so rebuilds the run from the outputs."""
     url, db, server = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     for name, value in [("MAX_RETRIES", "0"), ("BACKOFF_FACTOR", "0"), ("TIMEOUT", "5")]:
         monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", value)  # no minutes of retries here
 
-    real_call = train_module.EpochLogger.__call__
+    real_call = record.EpochLogger.__call__
 
     def log_then_die(self, row, epoch):
         real_call(self, row, epoch)
@@ -645,7 +622,7 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
-    monkeypatch.setattr(train_module.EpochLogger, "__call__", log_then_die)
+    monkeypatch.setattr(record.EpochLogger, "__call__", log_then_die)
     set_recipe(project, epochs=3)
     code, err = cli(capsys, "train", "--variant", VARIANT)
     _stop_system_metrics()
@@ -653,7 +630,8 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
     assert code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert f"the tracking store at {url} failed during training" in line
-    assert "`mnist-pipeline evaluate --variant ffn1_relu` records them as a new run" in line
+    assert "results are saved (models/ffn1_relu/model.pt" in line
+    assert "`mnist-pipeline sync` records them" in line
     assert len(paths.history_path(project, VARIANT).read_text().splitlines()) == 1 + 3
 
     # The store answers again (here: its database, read directly) and the advice works.
@@ -789,7 +767,8 @@ def _two_runs(tmp_path: Path) -> tuple[dict, mlflow.MlflowClient, str, str]:
     from mnist_pipeline.tracking import datasets
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    found = datasets(load_params(tmp_path / "params.yaml"), "0" * 32)
+    params = load_params(tmp_path / "params.yaml")
+    found = datasets(params.data, "0" * 32, val_size=100, seed=0)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("two-jobs")
     return found, client, *(client.create_run(experiment).info.run_id for _ in range(2))

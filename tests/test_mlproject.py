@@ -204,3 +204,28 @@ def test_mlflow_run_main_runs_the_pipeline(tmp_path: Path, tiny_mirror: Mirror):
     for child in children:
         assert "test/accuracy" in child.data.metrics  # evaluate logged into the child
     assert (root / "reports" / "results.md").is_file()
+
+
+def test_mlflow_run_evaluate_records_a_child_not_the_parent(tiny_data: Path, tiny_mirror: Mirror):
+    """A checkpoint whose training run is not in the store: under `mlflow run -e evaluate` the run
+    rebuilt for it is a child of the project's run; the project's run is not resumed."""
+    root = tiny_data
+    copy_project(root)
+    env = mlflow_env(root, tiny_mirror)
+    elsewhere = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'elsewhere.db'}"}
+    train = ["mnist-pipeline", "train", "--variant", "ffn1_relu"]
+    subprocess.run(train, cwd=root, env=elsewhere, check=True, capture_output=True)
+
+    experiment = "mnist-pipeline-mnist"
+    command = [
+        *("mlflow", "run", str(root), "--env-manager", "local", "-e", "evaluate"),
+        *("--experiment-name", experiment, "-P", "variant=ffn1_relu"),
+    ]
+    out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+    parent, children = family(root, experiment)
+    assert "checkpoint.md5" not in parent.data.tags and "test/accuracy" not in parent.data.metrics
+    (child,) = children
+    assert child.data.tags["record.source"] == "outputs" and child.info.status == "FINISHED"
+    assert "test/accuracy" in child.data.metrics and "checkpoint.md5" in child.data.tags

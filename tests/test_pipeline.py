@@ -3,9 +3,11 @@ on the tiny data set served as a mirror, four variants shrunk to one short epoch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +83,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
 
 def test_all_stages_run(pipeline):
     repo, _, first = pipeline
-    expected = ["download", *per_variant(*VARIANTS), "report"]
+    expected = ["download", *per_variant(*VARIANTS), "report", "sync"]
     assert sorted(ran_stages(first)) == sorted(expected)
     for variant in VARIANTS:
         assert (repo / "models" / variant / "model.pt").is_file()
@@ -117,8 +119,9 @@ def test_one_run_per_variant_with_test_metrics(pipeline):
 
 
 def test_the_models_tab_ranks_the_variants_by_test_accuracy(pipeline):
-    """Each variant's logged model is named for it and carries its test accuracy (and the test
-    set), so MLflow ranks them with no set-up; each is registered, the first version champion."""
+    """Each variant's logged models (the checkpoint's and its ONNX and int8 forms) carry their test
+    accuracy under one name (and the test set), so MLflow ranks every form of every variant with
+    no set-up; each variant is registered, the first version champion."""
     repo, _, _ = pipeline
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("mnist-pipeline-mnist")
@@ -128,7 +131,8 @@ def test_the_models_tab_ranks_the_variants_by_test_accuracy(pipeline):
         order_by=[{"field_name": "metrics.test/accuracy", "ascending": False}],
         output_format="list",
     )
-    assert sorted(m.name for m in ranked) == sorted(VARIANTS)
+    forms = [f"{v}{suffix}" for v in VARIANTS for suffix in ("", "-onnx", "-int8")]
+    assert sorted(m.name for m in ranked) == sorted(forms)
     accuracy = [{x.key: x for x in m.metrics}["test/accuracy"] for m in ranked]
     assert [a.value for a in accuracy] == sorted((a.value for a in accuracy), reverse=True)
     assert {a.dataset_name for a in accuracy} == {"mnist-test"}
@@ -155,14 +159,14 @@ def test_metrics_and_plots_show(pipeline):
 def test_second_repro_does_nothing_and_one_change_reruns_one_variant(pipeline):
     repo, env, _ = pipeline
     second = sh([DVC, "repro"], repo, env)
-    assert ran_stages(second) == []
-    assert "up to date" in second.lower()
+    assert ran_stages(second) == ["sync"]  # DVC always runs it; it found nothing to record
+    assert "nothing to do" in second
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["variants"]["ffn1_tanh"]["lr"] = 0.05
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = sh([DVC, "repro"], repo, env)
-    assert sorted(ran_stages(third)) == sorted([*per_variant("ffn1_tanh"), "report"])
+    assert sorted(ran_stages(third)) == sorted([*per_variant("ffn1_tanh"), "report", "sync"])
 
 
 def test_an_identical_retrain_reruns_nothing_downstream(pipeline):
@@ -175,8 +179,55 @@ def test_an_identical_retrain_reruns_nothing_downstream(pipeline):
     assert not [stage for stage in ran_stages(forced) if stage.startswith(("evaluate", "report"))]
     assert checkpoint.read_bytes() == before
     status = sh([DVC, "status"], repo, env)
-    assert "up to date" in status.lower(), status
-    assert ran_stages(sh([DVC, "repro"], repo, env)) == []
+    assert "changed" not in status.replace("always changed", ""), status  # bar sync's own line
+    assert ran_stages(sh([DVC, "repro"], repo, env)) == ["sync"]
+
+
+def store_counts(store: Path) -> dict[str, int]:
+    """What a second `dvc repro` must not add to, read from the SQLite store itself."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return {
+            table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("runs", "metrics", "logged_models", "model_versions", "params")
+        }
+
+
+def test_a_new_store_is_made_to_agree_with_the_outputs(pipeline):
+    """As on a fresh clone: a new store, and a retrain that writes the committed bytes, so DVC
+    skips evaluate and export. The sync stage completes the timed run with the test record and
+    rebuilds the other variants' runs from the outputs; one complete run each, registered."""
+    repo, env, _ = pipeline
+    store = repo.with_name(f"{repo.name}-new.db")  # a new store, as `rm mlflow.db` leaves it
+    env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    sh([DVC, "repro", "-f", "train@logistic_regression"], repo, env)
+    synced = sh([DVC, "repro"], repo, env)
+    assert ran_stages(synced) == ["sync"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(VARIANTS)
+    for run in runs:
+        variant = run.data.tags["variant"]
+        timed = variant == "logistic_regression"
+        assert run.data.tags["record.source"] == ("live" if timed else "outputs")
+        assert ("time/median_epoch_seconds" in run.data.metrics) == timed
+        written = json.loads((repo / "metrics" / "test" / f"{variant}.json").read_text())
+        assert {k: run.data.metrics[k] for k in written} == written
+        assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id, "evaluation")
+        }
+        champion = client.get_model_version_by_alias(f"mnist-{variant}", "champion")
+        assert champion.run_id == run.info.run_id
+
+    before = store_counts(store)
+    again = sh([DVC, "repro"], repo, env)
+    assert "nothing to do" in again
+    verified = sh(
+        [str(Path(sys.executable).with_name("mnist-pipeline")), "sync", "--verify"], repo, env
+    )
+    assert "(0 recorded)" in verified
+    assert store_counts(store) == before
 
 
 def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
@@ -185,7 +236,7 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
     out = sh([cli, "train", "--variant", "ffn1_tanh", "--epochs", "2"], repo, env)
     assert "one-off" in out
     assert (repo / "one-off" / "ffn1_tanh" / "model.pt").is_file()
-    assert "up to date" in sh([DVC, "status"], repo, env).lower()
+    assert "modified" not in sh([DVC, "status"], repo, env)
     assert "one-off" not in sh(["git", "status", "--porcelain"], repo, env)  # git-ignored
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     (run,) = mlflow.search_runs(
@@ -194,3 +245,23 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
         output_format="list",
     )
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"
+
+
+def test_a_dvc_experiment_names_its_runs_and_compare_shows_it_beside_its_baseline(pipeline):
+    repo, env, _ = pipeline
+    baseline = sh(["git", "rev-parse", "HEAD"], repo, env).strip()
+    sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", "variants.ffn1_tanh.lr=0.3"], repo, env)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`dvc.exp.name` = 'tanh-fast'",
+        output_format="list",
+    )
+    assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["lr"] == "0.3"
+    assert run.data.tags["dvc.exp.baseline"] == baseline
+    assert "dvc exp apply tanh-fast" in run.data.tags["mlflow.note.content"]
+    assert "test/accuracy" in run.data.metrics
+
+    cli = str(Path(sys.executable).with_name("mnist-pipeline"))
+    shown = sh([cli, "compare", "--exp", "tanh-fast", "--variants", "ffn1_tanh"], repo, env)
+    assert "tanh-fast · pipeline-test" in shown and f"baseline {baseline[:7]}" in shown

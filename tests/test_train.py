@@ -3,9 +3,12 @@ complete MLflow run (in a real temporary SQLite store), parametrized over the va
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -271,18 +274,60 @@ def test_bad_recipe_is_one_line_exit_2_and_no_run(tiny_data, capsys, args, messa
         ([0.90, 0.95, 0.93], "last", 3),
     ],
 )
-def test_the_checkpoint_keeps_the_best_validation_epoch(accuracies, keep, kept):
-    from mnist_pipeline.train import _keep_epoch
+def test_the_checkpoint_keeps_the_best_validation_epoch(tiny_data, accuracies, keep, kept):
+    """`fit` keeps the epoch `keep` names; the validation accuracies are the test's."""
+    from mnist_pipeline.train import fit, make_optimizer
 
+    params = load_params(tiny_data / "params.yaml")
+    recipe = dataclasses.replace(params.variants["logistic_regression"], epochs=len(accuracies))
     model = build_model("logistic_regression")
-    history, best = [], -1.0
-    for epoch, acc in enumerate(accuracies, start=1):
+    split = Split(torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,)))
+    epochs = iter(enumerate(accuracies, start=1))
+
+    def validate(model, data):
+        epoch, accuracy = next(epochs)
         with torch.no_grad():
             model[1].bias.fill_(epoch)  # the weights say which epoch they are from
-        history.append({"epoch": epoch, "val/accuracy": acc})
-        if acc > best:  # what _fit keeps
-            best = acc
-            history[-1]["_state"] = {k: v.clone() for k, v in model.state_dict().items()}
-    assert _keep_epoch(model, history, keep) == kept
-    assert model[1].bias[0].item() == kept
-    assert not any("_state" in row for row in history)
+        return 1.0, accuracy
+
+    with mock.patch("mnist_pipeline.train.evaluate_split", validate):
+        fitted = fit(
+            model,
+            make_optimizer(recipe, model),
+            split,
+            split,
+            recipe=recipe,
+            keep=keep,
+            generator=None,
+            on_epoch=lambda row, epoch: None,
+            label="test",
+        )
+    assert fitted.kept_epoch == kept
+    assert fitted.kept_state["1.bias"][0].item() == kept
+    assert [row["val/accuracy"] for row in fitted.history] == accuracies
+
+
+def test_a_copied_project_keeps_its_store_whole(tiny_data, tmp_path, monkeypatch, capsys):
+    """The local store records absolute artifact paths: a copy of the project (the original then
+    deleted) must read its old runs' artifacts and write new ones inside itself."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the project's own store, <root>/mlflow.db
+    first = train(load_params(tiny_data / "params.yaml"), "logistic_regression", tiny_data)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    shutil.rmtree(tiny_data)
+    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(copy))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri exported the first's
+    capsys.readouterr()
+    second = train(load_params(copy / "params.yaml"), "logistic_regression", copy)
+    assert (
+        f"the project moved from {(tiny_data / 'mlartifacts').as_uri()}" in capsys.readouterr().out
+    )
+
+    client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    for result in (first, second):
+        run = client.get_run(result.run_id)
+        assert run.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
+        assert "model_summary.txt" in {a.path for a in client.list_artifacts(result.run_id)}
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{first.model_id}")
+    assert np.asarray(model.predict(np.zeros((1, 1, 28, 28), np.float32))).shape == (1, 10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import pickle
 import warnings
@@ -30,13 +31,13 @@ FORMAT = "mnist-pipeline/checkpoint/2"
 def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: Any) -> None:
     """Weights + what rebuilds the model; only tensors and plain values (weights_only loads it)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
-        "format": FORMAT,
-        "variant": variant,
-        "recipe": dataclasses.asdict(recipe),
-        "state_dict": state,
-        **extra,
-    }
+    # Plain values made afresh from their JSON: pickle writes a value met twice as a reference to
+    # the first, so equal values held by one object or by two (a flag equal to params.yaml's)
+    # would otherwise give different bytes.
+    meta = json.loads(
+        json.dumps({"variant": variant, "recipe": dataclasses.asdict(recipe), **extra})
+    )
+    payload = {"format": FORMAT, **meta, "state_dict": state}
 
     def write(tmp: Path) -> None:
         # Serialised in memory (a few MB), written by Python: a full disk is then an OSError,

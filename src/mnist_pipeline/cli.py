@@ -6,7 +6,8 @@
     mnist-pipeline evaluate --variant ffn1_relu [--one-off]
     mnist-pipeline export --variant ffn1_relu
     mnist-pipeline report
-    mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--csv out.csv]
+    mnist-pipeline sync                                       # MLflow agrees with the outputs
+    mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--exp NAME] [--csv out.csv]
 
 A user mistake ends with one line on stderr and a non-zero exit (2: bad input, 1: failure),
 never a traceback.
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("download", help="fetch and verify the data set chosen in params.yaml")
+    download = sub.add_parser(
+        "download", help="fetch and verify the data set chosen in params.yaml"
+    )
+    download.set_defaults(handler=_download)
 
     train = sub.add_parser("train", help="train one variant and record an MLflow run")
     train.add_argument("--variant", required=True)
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="override train.device (auto, cpu, cuda, mps)")
     train.add_argument("--val-size", type=int, help="override train.val_size")
     train.add_argument("--keep", help="override train.keep: best (validation) or last epoch")
+    train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("evaluate", help="score one variant's checkpoint on the test set")
     evaluate.add_argument("--variant", required=True)
@@ -59,18 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score the one-off training's checkpoint (one-off/<variant>/), not the pipeline's",
     )
+    evaluate.set_defaults(handler=_evaluate)
 
     export = sub.add_parser("export", help="ONNX and int8 ONNX forms of one variant, measured")
     export.add_argument("--variant", required=True)
+    export.set_defaults(handler=_export)
 
-    sub.add_parser("report", help="table and chart of every variant under reports/")
+    sub.add_parser("report", help="table and chart of every variant under reports/").set_defaults(
+        handler=_report
+    )
 
+    sync = sub.add_parser(
+        "sync", help="make the MLflow store agree with the pipeline's outputs (a dvc.yaml stage)"
+    )
+    sync.add_argument(
+        "--verify", action="store_true", help="look at every run, not the last sync's receipt"
+    )
+    sync.set_defaults(handler=_sync)
+    _add_compare(sub)
+    return parser
+
+
+def _add_compare(sub) -> None:
     compare = sub.add_parser("compare", help="variant x host/device table from the tracking store")
     compare.add_argument(
         "--experiment", help="experiment name (default: the params.yaml data set's)"
     )
     compare.add_argument("--variants", help="comma-separated variant names to keep")
     compare.add_argument("--hosts", help="comma-separated host labels to keep")
+    compare.add_argument(
+        "--exp", help="a DVC experiment's name: its runs beside its baseline commit's"
+    )
     compare.add_argument(
         "--all-runs", action="store_true", help="every run, not the latest per group"
     )
@@ -80,74 +104,99 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--csv", type=Path, help="also write the table as CSV")
     compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
     compare.add_argument("--chart", type=Path, help="also write a PNG chart")
-    return parser
+    compare.set_defaults(handler=_compare)
+
+
+# --- one handler per command: (params, root, args); each imports only its own stage --------------
+
+
+def _download(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.dataset import download
+
+    download(params.data, root)
+
+
+def _train(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.config import check_variant, with_overrides
+    from mnist_pipeline.paths import one_off_outputs
+    from mnist_pipeline.train import train
+
+    check_variant(args.variant)
+    names = (
+        "optimizer",
+        "lr",
+        "batch_size",
+        "epochs",
+        "shuffle",
+        "use_dropout",
+        "seed",
+        "device",
+        "val_size",
+        "keep",
+    )
+    recipe = with_overrides(params, args.variant, **{name: getattr(args, name) for name in names})
+    # A recipe other than params.yaml's is a one-off: it must not touch DVC's outputs.
+    one_off = recipe != params
+    train(recipe, args.variant, root, one_off_outputs(root, args.variant) if one_off else None)
+
+
+def _evaluate(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.config import check_variant
+    from mnist_pipeline.evaluate import evaluate
+    from mnist_pipeline.paths import one_off_outputs
+
+    check_variant(args.variant)
+    outputs = one_off_outputs(root, args.variant) if args.one_off else None
+    evaluate(params, args.variant, root, outputs)
+
+
+def _export(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.config import check_variant
+    from mnist_pipeline.export import export
+
+    export(params, check_variant(args.variant), root)
+
+
+def _report(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.report import report
+
+    report(params, root)
+
+
+def _sync(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.record import sync
+
+    sync(params, root, verify=args.verify)
+
+
+def _compare(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.compare import compare
+
+    def split(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    compare(
+        params,
+        root,
+        experiment=args.experiment,
+        variants=split(args.variants),
+        hosts=split(args.hosts),
+        dvc_exp=args.exp,
+        latest_only=not args.all_runs,
+        one_off=args.one_off,
+        csv_path=args.csv,
+        markdown_path=args.markdown,
+        chart_path=args.chart,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from mnist_pipeline.config import check_variant, load_params, with_overrides
+    from mnist_pipeline.config import load_params
     from mnist_pipeline.paths import PARAMS_FILE, project_root
 
     root = project_root()
-    params_path = args.params or root / PARAMS_FILE
-    params = load_params(params_path)
-
-    if args.command == "download":
-        from mnist_pipeline.dataset import download
-
-        download(params.data, root)
-    elif args.command == "train":
-        from mnist_pipeline.paths import one_off_outputs
-        from mnist_pipeline.train import train
-
-        check_variant(args.variant)
-        recipe = with_overrides(
-            params,
-            args.variant,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            shuffle=args.shuffle,
-            use_dropout=args.use_dropout,
-            seed=args.seed,
-            device=args.device,
-            val_size=args.val_size,
-            keep=args.keep,
-        )
-        # A recipe other than params.yaml's is a one-off: it must not touch DVC's outputs.
-        one_off = recipe != params
-        train(recipe, args.variant, root, one_off_outputs(root, args.variant) if one_off else None)
-    elif args.command == "evaluate":
-        from mnist_pipeline.evaluate import evaluate
-        from mnist_pipeline.paths import one_off_outputs
-
-        check_variant(args.variant)
-        outputs = one_off_outputs(root, args.variant) if args.one_off else None
-        evaluate(params, args.variant, root, outputs)
-    elif args.command == "export":
-        from mnist_pipeline.export import export
-
-        export(params, check_variant(args.variant), root)
-    elif args.command == "report":
-        from mnist_pipeline.report import report
-
-        report(params, root)
-    elif args.command == "compare":
-        from mnist_pipeline.compare import compare
-
-        split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-        compare(
-            params,
-            root,
-            experiment=args.experiment,
-            variants=split(args.variants),
-            hosts=split(args.hosts),
-            latest_only=not args.all_runs,
-            one_off=args.one_off,
-            csv_path=args.csv,
-            markdown_path=args.markdown,
-            chart_path=args.chart,
-        )
+    params = load_params(args.params or root / PARAMS_FILE)
+    args.handler(params, root, args)
     return 0
 
 

@@ -3,14 +3,16 @@
     mnist-pipeline compare                                  # latest run per variant, host, device
     mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
     mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
+    mnist-pipeline compare --exp bulky-pita         # a DVC experiment beside its baseline
     MLFLOW_TRACKING_URI=http://mlflow.internal:5000 mnist-pipeline compare
 
 One row per variant, one column group per `host · device` (the `host` and `device` tags `train`
 sets; MNIST_PIPELINE_HOST names the host): test accuracy, seconds per epoch and training images
 per second, both timings the median over the run's epochs (the first epoch pays for warm-up).
 Only finished training runs of the params.yaml recipes count (`--one-off` adds one-off runs);
-`mlflow run`'s parent runs (no `variant` tag) are left out. A run whose checkpoint was evaluated
-under another run (the same bytes, retrained) shows that accuracy; one never evaluated, a blank.
+`mlflow run`'s parent runs (no `variant` tag) are left out; a run rebuilt from the pipeline's
+outputs (`mnist-pipeline sync`: no timings) shows as device `rebuilt`. A run whose checkpoint was
+evaluated under another run (the same bytes, retrained) shows that accuracy.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnist_pipeline import tracking
+from mnist_pipeline import plots, tracking
 from mnist_pipeline.config import Params, check_variant
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
@@ -43,6 +45,7 @@ def compare(
     experiment: str | None = None,
     variants: Sequence[str] | None = None,
     hosts: Sequence[str] | None = None,
+    dvc_exp: str | None = None,
     latest_only: bool = True,
     one_off: bool = False,
     csv_path: Path | None = None,
@@ -52,7 +55,8 @@ def compare(
     """Print (and write, when asked) the comparison table; return it, numbers unformatted.
 
     Columns are a MultiIndex (`host · device`, metric name); rows are variants, or (variant,
-    run) pairs with `latest_only=False`, run 1 being the latest.
+    run) pairs with `latest_only=False`, run 1 being the latest. With `dvc_exp`, the columns are
+    that DVC experiment's runs and its baseline commit's, per host.
     """
     for variant in variants or ():
         check_variant(variant)
@@ -64,26 +68,15 @@ def compare(
     skipped = int((runs["kind"] == "one-off").sum())
     if not one_off:
         runs = runs[runs["kind"] != "one-off"]
-    if variants:
-        present = ", ".join(v for v in VARIANTS if v in set(runs["variant"]))
-        runs = runs[runs["variant"].isin(variants)]
-        if runs.empty:
-            raise PipelineError(
-                f"experiment {name!r} at {uri} has no finished runs of {', '.join(variants)} "
-                f"(variants there: {present})"
-            )
-    if hosts:
-        present = ", ".join(sorted(runs["host"].unique()))
-        runs = runs[runs["host"].isin(hosts)]
-        if runs.empty:
-            raise PipelineError(
-                f"experiment {name!r} at {uri} has no runs from host {', '.join(hosts)}"
-                f"{' of these variants' if variants else ''} (hosts there: {present})"
-            )
+    where = f"experiment {name!r} at {uri}"
+    if dvc_exp:
+        runs = beside_baseline(runs, dvc_exp, where)
+    runs = _keep(
+        runs, "variant", variants, where, f"no finished runs of {', '.join(variants or [])}"
+    )
+    runs = _keep(runs, "host", hosts, where, f"no runs from host {', '.join(hosts or [])}")
     if runs.empty:
-        raise PipelineError(
-            f"experiment {name!r} at {uri} holds only one-off runs ({skipped}); add --one-off"
-        )
+        raise PipelineError(f"{where} holds only one-off runs ({skipped}); add --one-off")
     table = pivot(runs, latest_only)
 
     kind = "latest run" if latest_only else "every run (1 = latest)"
@@ -91,28 +84,65 @@ def compare(
     print(_shown(table).to_string())
     if skipped and not one_off:
         print(f"({skipped} one-off run{'s' * (skipped > 1)} left out: add --one-off to include)")
+    title = f"{name}: {kind} per variant and host · device"
+    _write(table, title, csv_path=csv_path, markdown_path=markdown_path, chart_path=chart_path)
+    return table
+
+
+def _keep(runs: pd.DataFrame, column: str, wanted, where: str, missing: str) -> pd.DataFrame:
+    """The runs whose `column` is one of `wanted` (all when None); none is a one-line error."""
+    if not wanted:
+        return runs
+    kept = runs[runs[column].isin(wanted)]
+    if kept.empty:
+        present = ", ".join(sorted(runs[column].dropna().unique()))
+        raise PipelineError(f"{where} has {missing} ({column}s there: {present})")
+    return kept
+
+
+def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
+    """The runs of DVC experiment `name` and the runs of its baseline commit (the pipeline's,
+    outside any experiment), each group labelled by what it is and its host."""
+    import pandas as pd
+
+    ours = runs[runs["exp"] == name]
+    if ours.empty:
+        present = ", ".join(sorted(runs["exp"].dropna().unique())) or "none"
+        raise PipelineError(
+            f"{where} has no runs of DVC experiment {name!r} (experiments there: {present}); "
+            "`dvc exp show` lists them"
+        )
+    baseline = str(ours["baseline"].dropna().iloc[0]) if ours["baseline"].notna().any() else ""
+    base = runs[runs["exp"].isna() & runs["commit"].fillna("").str.startswith(baseline or "-")]
+    labelled = (
+        ours.assign(host=f"{name} · " + ours["host"]),
+        base.assign(host=f"baseline {baseline[:7]} · " + base["host"]),
+    )
+    return pd.concat(labelled, ignore_index=True)
+
+
+def _write(table: pd.DataFrame, title: str, **targets: Path | None) -> None:
+    """The table as CSV, Markdown and a chart, each where asked."""
     written = []
-    if csv_path:
+    if path := targets["csv_path"]:
         flat = table.copy()
         flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
-        write_text_atomic(csv_path, flat.to_csv())
-        written.append(csv_path)
-    if markdown_path:
+        write_text_atomic(path, flat.to_csv())
+        written.append(path)
+    if path := targets["markdown_path"]:
         shown = _shown(table)
         shown.columns = [f"{group}: {label}" for group, label in shown.columns]
         shown = shown.reset_index()
         align = ["left" if c == "variant" else "right" for c in shown.columns]
-        title = f"# {name}: {kind} per variant and host · device\n\n"
         text = shown.to_markdown(index=False, colalign=align)
-        write_text_atomic(markdown_path, title + text + "\n")
-        written.append(markdown_path)
-    if chart_path:
-        latest = table if latest_only else table.xs(1, level="run")
-        write_atomic(chart_path, lambda tmp: _chart(latest, tmp, name))
-        written.append(chart_path)
+        write_text_atomic(path, f"# {title}\n\n{text}\n")
+        written.append(path)
+    if path := targets["chart_path"]:
+        latest = table if "run" not in table.index.names else table.xs(1, level="run")
+        write_atomic(path, lambda tmp: plots.comparison(latest, tmp, title.split(":")[0]))
+        written.append(path)
     for path in written:
         print(f"wrote {path}")
-    return table
 
 
 def _check_store_exists(uri: str) -> None:
@@ -161,6 +191,10 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
         "tags.device": "device",
         "tags.run.kind": "kind",
         "tags.checkpoint.md5": "checkpoint",
+        "tags.record.source": "source",
+        "tags.dvc.exp.name": "exp",
+        "tags.dvc.exp.baseline": "baseline",
+        "tags.git.commit": "commit",
         **{f"metrics.{metric}": metric for metric, _, _ in COLUMNS},
     }
     runs = pd.DataFrame(
@@ -180,6 +214,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
     shared = runs["checkpoint"].map(by_checkpoint["test/accuracy"].first())
     runs["test/accuracy"] = runs["test/accuracy"].fillna(shared)
     runs = runs.fillna({"host": "unknown", "device": "unknown", "kind": "pipeline"})
+    # A run rebuilt from the outputs has no timings and no device: say so in its column.
+    runs.loc[runs["source"] == "outputs", "device"] = "rebuilt"
     return runs.reset_index(drop=True)
 
 
@@ -227,63 +263,3 @@ def _shown(table: pd.DataFrame) -> pd.DataFrame:
         names=table.columns.names,
     )
     return shown
-
-
-def _chart(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Grouped bars: test accuracy and throughput per variant, one colour per host · device;
-    the legend above the panels, where it covers no bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    groups = list(table.columns.get_level_values(0).unique())
-    variants = list(table.index)
-    y = np.arange(len(variants))
-    height = 0.8 / max(len(groups), 1)
-    fig, axes = plt.subplots(
-        1, 2, figsize=(12, 2.2 + 0.4 * len(variants) * max(len(groups), 1.5)), sharey=True
-    )
-    panels = (
-        ("test/accuracy", 100, "test accuracy, %"),
-        ("time/median_samples_per_second", 1, "training images per second (log scale)"),
-    )
-    for ax, (metric, scale, label) in zip(axes, panels, strict=True):
-        for i, group in enumerate(groups):
-            values = table[(group, metric)].to_numpy(dtype=float) * scale
-            bars = ax.barh(y + i * height, np.nan_to_num(values), height, label=group)
-            text = [f"{v:.2f}" if metric == "test/accuracy" else f"{v:,.0f}" for v in values]
-            ax.bar_label(
-                bars, labels=["" if t == "nan" else t for t in text], fontsize=7, padding=2
-            )
-        ax.set_xlabel(label)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y + height * (len(groups) - 1) / 2, variants, fontsize=8)
-    axes[0].invert_yaxis()
-    accuracy = table.xs("test/accuracy", axis=1, level=1).to_numpy(dtype=float) * 100
-    if np.isfinite(accuracy).any():
-        axes[0].set_xlim(max(0.0, np.nanmin(accuracy) - 3), 100.5)
-    speed = axes[1]
-    speed.set_xscale("log")
-    speed.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
-    speed.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    speed.xaxis.set_minor_formatter(NullFormatter())
-    throughput = table.xs("time/median_samples_per_second", axis=1, level=1).to_numpy(float)
-    if np.isfinite(throughput).any():
-        speed.set_xlim(np.nanmin(throughput) / 2, np.nanmax(throughput) * 3)  # room for labels
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncols=min(len(groups), 4),
-        fontsize=8,
-        bbox_to_anchor=(0.5, 0.95),
-        frameon=False,
-    )
-    fig.suptitle(f"{experiment}: variants by host · device")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)

@@ -6,12 +6,13 @@ Exports the served form of the checkpoint (dropout as identities, a softmax head
 outputs probabilities; `logged_model.inference_model`) to exports/<variant>/model.onnx (float32
 images (N, 1, 28, 28) in [0, 1], dynamic batch), quantises it to int8 weights in
 exports/<variant>/model.int8.onnx, and measures the three forms (torch eager, onnx, int8) on the
-full test set: accuracy, file size, CPU latency at batch 1 and batch 1,000.
+full test set the ways a model is served: accuracy with the whole set in one batch and one image
+at a time (int8's dynamic quantisation scales activations per batch, so its accuracy depends on
+the batch), file size, and CPU latency at batch 1 and batch 1,000.
 
 metrics/export/<variant>.json holds what DVC compares and what is the same on every run (accuracy,
-bytes); exports/<variant>/benchmark.json everything, latencies and the machine included. The
-figures and both ONNX models (MLflow's onnx flavour, metrics linked) go into the variant's
-training run, found by the checkpoint's MD5; without it the figures stay local.
+bytes). Latencies differ from run to run: they go to MLflow only (metrics, and
+`export/benchmark.json` with the machine and versions), with both ONNX models (`record`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 OPSET = 18  # ONNX Runtime 1.17+ runs it; the exporter's own default moves with torch releases
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 FORMS = ("torch", "onnx", "int8")  # the checkpoint in torch eager, its ONNX export, int8 ONNX
-KEPT = ("accuracy", "bytes")  # what the DVC metrics file holds: the same on every run
-ACCURACY_BATCH = 1_000
 # Latency: medians of this many timed calls after a warm-up; a few seconds per variant on 2 cores.
 CALLS = {1: 200, 1_000: 20}
 WARMUP = {1: 20, 1_000: 2}
@@ -50,18 +49,14 @@ WARMUP = {1: 20, 1_000: 2}
 
 def export(params: Params, variant: str, root: Path) -> dict[str, float]:
     """Write both ONNX forms of `variant`'s checkpoint, measure them with the checkpoint itself,
-    write the metrics and the benchmark, and log all of it into the training run."""
-    from mnist_pipeline import tracking
+    write the metrics, and record the forms and the measurements in the training run."""
+    from mnist_pipeline import record
 
-    ckpt = paths.checkpoint_path(root, variant)
-    model, _ = checkpoint.load(ckpt, variant)  # first: a missing one is the likeliest mistake
-    uri = tracking.tracking_uri(root)
-    tracking.check_reachable(uri)
-    md5 = file_md5(ckpt)
+    outputs = paths.pipeline_outputs(root, variant)
+    model, _ = checkpoint.load(outputs.checkpoint, variant)  # first: a missing one is likeliest
+    store = record.open_store(root, params.data.dataset)
+    md5 = file_md5(outputs.checkpoint)
     served = inference_model(model)
-    folder = paths.export_dir(root, variant)
-    files = {"torch": ckpt, "onnx": folder / "model.onnx", "int8": folder / "model.int8.onnx"}
-
     fp32 = _guarded(variant, "ONNX export", lambda: to_onnx(served, variant, md5))
     int8 = _guarded(variant, "int8 quantisation", lambda: quantise(fp32))
     data = load_dataset(root, params.data.dataset)
@@ -73,34 +68,44 @@ def export(params: Params, variant: str, root: Path) -> dict[str, float]:
         "int8": lambda: _guarded(variant, "ONNX Runtime", lambda: _ort_runner(int8)),
     }
     inputs = {"torch": x, "onnx": x.numpy(), "int8": x.numpy()}
-    sizes = {"torch": ckpt.stat().st_size, "onnx": len(fp32), "int8": len(int8)}
+    sizes = {"torch": outputs.checkpoint.stat().st_size, "onnx": len(fp32), "int8": len(int8)}
     # One form at a time, each session made just before and dropped after: ONNX Runtime's
     # threads spin a while after a call, which would slow the next form's measurement.
-    figures = {form: measure(runners[form](), inputs[form], y) for form in FORMS}
-    for form in FORMS:
-        figures[form]["bytes"] = sizes[form]
+    figures = {
+        form: measure(runners[form](), inputs[form], y) | {"bytes": sizes[form]} for form in FORMS
+    }
 
     # Written once all is measured: a failure above leaves the previous export whole.
-    for form, serialised in (("onnx", fp32), ("int8", int8)):
-        write_atomic(files[form], lambda tmp, data=serialised: tmp.write_bytes(data))
-    metrics = {f"{form}/{key}": _rounded(figures[form][key]) for form in FORMS for key in KEPT}
-    write_json_atomic(paths.export_metrics_path(root, variant), metrics)
-    write_json_atomic(folder / "benchmark.json", _benchmark(variant, md5, data.name, figures, y))
-    logged = _log_to_mlflow(root, uri, params, variant, md5, data, figures, fp32, int8)
-
-    shown = ", ".join(
-        f"{form} {figures[form]['accuracy']:.4f} ({figures[form]['bytes'] / 1e3:.0f} kB, "
-        f"{figures[form]['latency_b1_ms']:.3f} ms/b1, {figures[form]['latency_b1000_ms']:.2f} "
-        "ms/b1000)"
+    folder = outputs.export_dir
+    for name, serialised in (
+        (record.EXPORT_FILES["onnx"], fp32),
+        (record.EXPORT_FILES["int8"], int8),
+    ):
+        write_atomic(folder / name, lambda tmp, data=serialised: tmp.write_bytes(data))
+    kept = {
+        f"{form}/{k}": _rounded(v)
         for form in FORMS
+        for k, v in figures[form].items()
+        if "latency" not in k
+    }
+    write_json_atomic(outputs.export_metrics, kept)
+    training = record.Training(variant, outputs, params.data)
+    live = _benchmark(variant, md5, data.name, figures, y)
+    done = record.agree(store, training, parts=("export",), live_export=live)
+    print(f"{variant}: {_shown(figures)}")
+    print(
+        f"{variant}: wrote {folder.relative_to(root)}/, "
+        f"{outputs.export_metrics.relative_to(root)}; " + "; ".join(done)
     )
-    print(f"{variant}: accuracy {shown}")
-    written = ", ".join(
-        str(p.relative_to(root))
-        for p in (files["onnx"], files["int8"], paths.export_metrics_path(root, variant))
-    )
-    print(f"{variant}: wrote {written}; {logged}")
     return {f"{form}/{k}": v for form in FORMS for k, v in figures[form].items()}
+
+
+def _shown(figures: dict) -> str:
+    return ", ".join(
+        f"{form} {f['accuracy']:.4f} (batch 1: {f['accuracy_b1']:.4f}; {f['bytes'] / 1e3:.0f} kB, "
+        f"{f['latency_b1_ms']:.3f} ms/b1, {f['latency_b1000_ms']:.2f} ms/b1000)"
+        for form, f in figures.items()
+    )
 
 
 def _rounded(value: float) -> float | int:
@@ -236,13 +241,14 @@ def _ort_runner(model: bytes) -> Runner:
 
 
 def measure(run: Runner, x: Any, y: np.ndarray) -> dict[str, float]:
-    """Accuracy over the whole test set (batches of 1,000), and the median latency in ms of
-    one call at batch 1 and at batch 1,000 (the test images, repeated if there are fewer)."""
-    correct = 0
-    for start in range(0, len(y), ACCURACY_BATCH):
-        probabilities = run(x[start : start + ACCURACY_BATCH])
-        correct += int((probabilities.argmax(1) == y[start : start + ACCURACY_BATCH]).sum())
-    figures = {"accuracy": correct / max(len(y), 1)}
+    """Accuracy over the whole test set in one batch and one image at a time, and the median
+    latency in ms of one call at batch 1 and at batch 1,000 (the test images, repeated if there
+    are fewer)."""
+    figures = {
+        "accuracy": float((run(x).argmax(1) == y).mean()) if len(y) else 0.0,
+        "accuracy_b1": sum(int(run(x[i : i + 1]).argmax(1)[0] == y[i]) for i in range(len(y)))
+        / max(len(y), 1),
+    }
     for size, calls in CALLS.items():
         index = np.arange(size * (WARMUP[size] + calls)) % len(y)
         batches = [x[index[i : i + size]] for i in range(0, len(index), size)]
@@ -286,79 +292,3 @@ def _benchmark(variant, md5, dataset, figures, y) -> dict[str, Any]:
             "onnxscript": onnxscript.__version__,
         },
     }
-
-
-# --- MLflow ---------------------------------------------------------------------------------------
-
-
-def _log_to_mlflow(root, uri, params, variant, md5, data, figures, fp32, int8) -> str:
-    """Every figure as a metric of the training run, each form's linked to its logged model
-    (torch: the run's own model; onnx, int8: logged here with the onnx flavour) and to the test
-    set. The run is written to by id, never resumed: its status stays FINISHED whatever happens."""
-    import mlflow
-    import onnx
-
-    from mnist_pipeline import tracking
-
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    experiment_id = tracking.run_experiment_id(data.name, root)
-    run = tracking.find_training_run(client, experiment_id, md5)
-    if run is None:
-        return (
-            f"no MLflow run trained this checkpoint (MD5 {md5[:12]}) in {uri}: "
-            "the export figures stay local"
-        )
-    run_id = run.info.run_id
-    model_ids = {"torch": tracking.logged_model_id(run, variant)}
-    for form, proto in (("onnx", fp32), ("int8", int8)):
-        model_ids[form] = _log_onnx_model(client, run, variant, form, onnx.load_from_string(proto))
-
-    test_set = tracking.datasets(params, data.checksum)["evaluation"]
-    now = int(time.time() * 1000)
-    for form in FORMS:
-        mlflow.log_metrics(
-            {f"export/{form}/{k}": float(v) for k, v in figures[form].items()},
-            step=0,
-            timestamp=now,
-            run_id=run_id,
-            model_id=model_ids[form],
-            dataset=test_set,
-        )
-    return f"MLflow run {run_id}: logged models {variant}-onnx, {variant}-int8"
-
-
-def _log_onnx_model(client, run, variant: str, form: str, model: onnx.ModelProto) -> str:
-    """Log one ONNX form as a logged model of `run` (its experiment, its outputs); return its id.
-
-    Created first and then filled (not `log_model` under the run): logging under a run links
-    every unlinked step-0 metric of the run (training times, system metrics) to the new model,
-    and the export's figures are linked to their own form's model only, after this."""
-    import mlflow.onnx
-    import onnx
-    import onnxruntime as ort
-    from mlflow.entities import LoggedModelOutput
-
-    from mnist_pipeline.logged_model import signature
-
-    name = f"{variant}-{form}"
-    logged = mlflow.initialize_logged_model(
-        name=name,
-        source_run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
-        params=run.data.params | {"export.form": form, "export.opset": str(OPSET)},
-        model_type="onnx",
-    )
-    mlflow.onnx.log_model(
-        model,
-        name=name,
-        model_id=logged.model_id,
-        signature=signature(),
-        input_example=np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
-        save_as_external_data=False,  # one file, as in exports/
-        onnx_execution_providers=["CPUExecutionProvider"],
-        # Stated: inferring requirements loads the model in a fresh environment (seconds).
-        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
-    )
-    client.log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return logged.model_id

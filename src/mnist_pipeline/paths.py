@@ -83,6 +83,8 @@ class Outputs:
     history: Path
     test_metrics: Path
     predictions: Path
+    export_dir: Path | None = None  # the pipeline's only: a one-off is not exported
+    export_metrics: Path | None = None
     one_off: bool = False
 
 
@@ -93,6 +95,8 @@ def pipeline_outputs(root: Path, variant: str) -> Outputs:
         history=history_path(root, variant),
         test_metrics=test_metrics_path(root, variant),
         predictions=predictions_path(root, variant),
+        export_dir=export_dir(root, variant),
+        export_metrics=export_metrics_path(root, variant),
     )
 
 

@@ -16,31 +16,18 @@ def model_name(dataset: str, variant: str) -> str:
     return f"{dataset}-{variant}"
 
 
-def register(client, run, model_id: str, dataset: str, variant: str, accuracy: float):
-    """Register the logged model `model_id` (once: re-evaluating the same run reuses its
-    version), tag the version, and make it the champion if it beats the current one. Returns
-    the version and whether it is now the champion."""
+def register(client, run, model_id: str, dataset: str, variant: str, accuracy: float) -> str:
+    """Register the logged model `model_id` (once: recording the same run again reuses its
+    version), describe and tag the version, and make it the champion if it beats the current one.
+    A version made under `dvc exp run` never becomes the first champion: the baseline's (the
+    pipeline run of a commit) is registered first, so an experiment competes with it. Returns a
+    line saying what happened."""
     from mlflow.exceptions import MlflowException
 
     name = model_name(dataset, variant)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        _create_registered_model(client, name, dataset, variant)
-    existing = [
-        v
-        for v in client.search_model_versions(f"name = '{name}'")
-        if v.source == f"models:/{model_id}"
-    ]
-    if existing:
-        version = existing[0]
-    else:
-        import mlflow
-
-        # MLflow's own registration: it also links the version to the logged model (the Models
-        # tab's "Registered models" column).
-        version = mlflow.register_model(f"models:/{model_id}", name)
     tags = run.data.tags
+    version = _version(client, name, model_id, dataset, variant)
+    client.update_model_version(name, version.version, description=_description(tags, accuracy))
     for key, value in {
         "host": tags.get("host", "unknown"),
         "device": tags.get("device", "unknown"),
@@ -52,9 +39,13 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
 
     # Two hosts evaluating at once may both try to set the alias; the store refuses the second
     # (a unique key), which then looks at the champion again.
+    experiment = tags.get("dvc.exp.name")
     for attempt in range(3):
         champion, best = _champion(client, name)
-        promoted = champion is None or (accuracy > best and champion.version != version.version)
+        if champion is None:
+            promoted = experiment is None
+        else:
+            promoted = accuracy > best and champion.version != version.version
         if not promoted:
             break
         try:
@@ -63,13 +54,49 @@ def register(client, run, model_id: str, dataset: str, variant: str, accuracy: f
         except MlflowException:
             if attempt == 2:
                 raise
-    state = (
-        "champion"
-        if promoted or (champion and champion.version == version.version)
-        else (f"champion stays version {champion.version} ({best:.4f})")
+    if promoted or (champion and champion.version == version.version):
+        state = ALIAS
+    elif champion is None:
+        state = f"no {ALIAS}: experiment {experiment} waits for the baseline (`dvc repro`)"
+    else:
+        state = f"{ALIAS} stays version {champion.version} ({best:.4f})"
+    return f"registered {name} version {version.version} ({state})"
+
+
+def _version(client, name: str, model_id: str, dataset: str, variant: str):
+    """The registered version of `model_id`, created (with its registered model) if need be."""
+    import contextlib
+    import io
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        _create_registered_model(client, name, dataset, variant)
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.source == f"models:/{model_id}":
+            return version
+    # MLflow's own registration also links the version to the logged model (the Models tab's
+    # "Registered models" column); its lines on stderr repeat what `register` returns.
+    with contextlib.redirect_stderr(io.StringIO()):
+        return mlflow.register_model(f"models:/{model_id}", name)
+
+
+def _description(tags: dict, accuracy: float) -> str:
+    where = f"`{tags.get('host', 'unknown')}` ({tags.get('device', 'unknown')})"
+    source = (
+        "rebuilt from the pipeline's outputs"
+        if tags.get("record.source") == "outputs"
+        else ("trained")
     )
-    print(f"{variant}: registered {name} version {version.version} ({state})")
-    return version, promoted
+    experiment = f", DVC experiment `{tags['dvc.exp.name']}`" if "dvc.exp.name" in tags else ""
+    return (
+        f"Test accuracy **{accuracy:.2%}** (10,000 test images). {source.capitalize()} on "
+        f"{where}, {tags.get(tracking.RUN_KIND_TAG, 'pipeline')} run{experiment}, commit "
+        f"`{tags.get('git.commit', 'unknown')[:12]}`."
+    )
 
 
 def _create_registered_model(client, name: str, dataset: str, variant: str) -> None:

@@ -17,7 +17,7 @@ from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
 
 if TYPE_CHECKING:
-    from mnist_pipeline.config import Params
+    from mnist_pipeline.config import DataConfig
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -155,24 +155,26 @@ def git_commit(root: Path) -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def run_tags(root: Path, variant: str, device_type: str, device_name: str) -> dict[str, str]:
+def machine_tags(root: Path) -> dict[str, str]:
+    """What describes the machine and the code a run ran on."""
     import torch
 
-    tags = {
-        "variant": variant,
+    return {
         "host": host_label(),
         "hostname": socket.gethostname(),
-        "device": device_type,
-        "device.name": device_name,
         "cpu.model": cpu_model(),
         "torch.version": torch.__version__,
         "cuda.version": torch.version.cuda or "none",
         "git.commit": git_commit(root),
         "platform": platform.platform(),
     }
-    if stage := os.environ.get("DVC_STAGE"):
-        tags["dvc.stage"] = stage
-    return tags
+
+
+def client():
+    """A client of the current tracking store (`mlflow.set_tracking_uri`)."""
+    import mlflow
+
+    return mlflow.MlflowClient()
 
 
 # --- what the MLflow UI shows: run names, datasets, descriptions, the run a checkpoint came from --
@@ -188,7 +190,7 @@ def run_name(variant: str) -> str:
     return f"{variant}@{host_label()}"
 
 
-def datasets(params: Params, checksum: str) -> dict:
+def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
     """The data set as MLflow dataset inputs, by context: `training`, `validation` (the held-out
     split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
     derives from the content checksum, so runs on the same data show the same digest on any host;
@@ -198,15 +200,15 @@ def datasets(params: Params, checksum: str) -> dict:
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = params.data.dataset
-    mirrors = [m for m in params.data.dataset_mirrors if m.startswith(("http://", "https://"))]
+    dataset = data.dataset
+    mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
     source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
 
     def entry(split: str, detail: str) -> MetaDataset:
         digest = hashlib.md5(f"{checksum}/{split}/{detail}".encode()).hexdigest()
         return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
 
-    split = f"val_size={params.train.val_size},seed={params.train.seed}"
+    split = f"val_size={val_size},seed={seed}"
     return {
         "training": entry("train", split),
         "validation": entry("validation", split),
@@ -246,13 +248,21 @@ def log_datasets(client, run_id: str, found: dict, attempts: int = 3) -> None:
 
 
 def run_description(variant: str, recipe: dict, dataset: str, checksum: str, root: Path) -> str:
-    """The run's description (Markdown, shown on its page): variant, recipe, data, commit."""
+    """The run's description (Markdown, shown on its page): variant, recipe, data, commit, and
+    the DVC experiment it belongs to (with how to bring it into the workspace)."""
     shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
-    return (
+    text = (
         f"**{variant}** on host `{host_label()}`.\n\n"
         f"Recipe: {shown}.\n\n"
         f"Data: {dataset} (checksum `{checksum[:12]}`); code: commit `{git_commit(root)[:12]}`."
     )
+    if name := os.environ.get("DVC_EXP_NAME"):
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")[:7]
+        text += (
+            f"\n\nDVC experiment `{name}` on baseline commit `{baseline}`: `dvc exp show` "
+            f"lists it, `dvc exp apply {name}` brings it into the workspace."
+        )
+    return text
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
@@ -278,27 +288,25 @@ def _experiment_note(dataset: str) -> str:
     return (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
         "variant per host, named `variant@host`. Which variant is best: sort the runs by the "
-        "`test/accuracy` column. How hosts compare: group the runs by the `host` tag, or "
-        "`mnist-pipeline compare`. Runs tagged `run.kind=one-off` used a recipe other than "
-        "params.yaml's; each variant's best model is `models:/<dataset>-<variant>@champion`."
+        "`test/accuracy` column. How hosts compare: group the runs by the `variant` tag (each "
+        "group then holds one variant's runs from every host), or `mnist-pipeline compare`. "
+        "Runs tagged `run.kind=one-off` used a recipe other than params.yaml's; "
+        "`record.source=outputs` marks a run rebuilt from the pipeline's outputs (no timings). "
+        "Each variant's best model is `models:/<dataset>-<variant>@champion`."
     )
 
 
-def find_training_run(client, experiment_id: str, checkpoint_md5: str):
-    """The latest completely logged run that trained a checkpoint with these bytes, or None.
-    This host's run first: two CPU hosts with one recipe write the same bytes, and each host's
-    evaluation belongs in its own run."""
-    complete = f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
-    for where in (f"{complete} and tags.host = '{host_label()}'", complete):
-        runs = client.search_runs(
-            [experiment_id],
-            filter_string=where,
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if runs:
-            return runs[0]
-    return None
+def training_runs(client, experiment_id: str, checkpoint_md5: str) -> list:
+    """The completely logged runs that trained a checkpoint with these bytes: this host's first,
+    then the newest. Two CPU hosts with one recipe write the same bytes, and each host's record
+    belongs in its own run."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return sorted(runs, key=lambda run: run.data.tags.get("host") != host_label())
 
 
 def logged_model_id(run, name: str) -> str | None:
@@ -311,3 +319,44 @@ def logged_model_id(run, name: str) -> str | None:
         output_format="list",
     )
     return found[0].model_id if found else None
+
+
+# The local store's tables that hold absolute artifact paths (MLflow records them resolved).
+_ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def follow_a_moved_project(root: Path) -> str | None:
+    """The project's own SQLite store, in a project folder that was copied or moved: MLflow
+    records artifact paths resolved (file:///<old folder>/mlartifacts/...), so the copy would go on
+    writing into, and reading from, the old folder. Point them into this folder's mlartifacts
+    (which came along with the copy). Returns the old location, or None when nothing moved."""
+    import sqlite3
+
+    here = store_root(root)
+    if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
+        return None
+    new = default_artifact_location(here)
+    with contextlib.closing(sqlite3.connect(here / "mlflow.db", timeout=30)) as db:
+        try:
+            found = {row[0] for row in db.execute("SELECT artifact_location FROM experiments")}
+        except sqlite3.Error:
+            return None  # not a store (yet): MLflow says what is wrong when it opens it
+        moved = sorted(
+            a for a in found if a and a.startswith("file://") and a.endswith("/mlartifacts")
+        )
+        moved = [a for a in moved if a != new]
+        with db:  # one transaction: all paths move, or none
+            for old in moved:
+                for table, column in _ARTIFACT_COLUMNS:
+                    db.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, old, len(old) + 1, old + "/"),
+                    )
+    return moved[0] if moved else None

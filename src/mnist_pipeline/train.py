@@ -11,32 +11,27 @@ validation split held out of the training set with a fixed seed; the test set is
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 import signal
-import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import checkpoint, paths
+from mnist_pipeline import checkpoint, paths, tracking
 from mnist_pipeline.config import Params, Recipe
-from mnist_pipeline.dataset import Dataset, file_md5, load_dataset
-from mnist_pipeline.device import as_float, device_name, resolve_device, set_cpu_threads
-from mnist_pipeline.errors import ConfigError, PipelineError, first_line
+from mnist_pipeline.dataset import Dataset, load_dataset
+from mnist_pipeline.device import as_float, resolve_device, set_cpu_threads
+from mnist_pipeline.errors import ConfigError, PipelineError
 from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
-from mnist_pipeline.logged_model import log_model
-from mnist_pipeline.models import build_model, count_parameters, logits_view, summary_text
-
-log = logging.getLogger(__name__)
+from mnist_pipeline.models import build_model, count_parameters, logits_view
 
 # The per-epoch history (a DVC plot): what the recipe determines, so the same recipe and seed
 # write the same bytes. Timings differ every run: they go to MLflow only.
@@ -197,19 +192,18 @@ class TrainResult:
 def train(
     params: Params, variant: str, root: Path, outputs: paths.Outputs | None = None
 ) -> TrainResult:
-    """Train `variant` with its recipe in `params`: checkpoint, metrics and one MLflow run.
+    """Train `variant` with its recipe in `params`: write the checkpoint, history and metrics,
+    then record the run from them (`record`), with what only this run knows: its timings.
 
     `outputs` defaults to the pipeline's (DVC's) files; a one-off run (a recipe other than
     params.yaml's) writes under one-off/<variant>/ instead and is tagged `run.kind=one-off`.
     """
-    from mnist_pipeline import tracking
+    from mnist_pipeline import record
 
     outputs = outputs or paths.pipeline_outputs(root, variant)
-    recipe = params.recipe(variant)
-    settings = params.train
+    recipe, settings = params.recipe(variant), params.train
     device = resolve_device(settings.device)
-    uri = tracking.tracking_uri(root)
-    tracking.check_reachable(uri)
+    store = record.open_store(root, params.data.dataset)  # fails fast: before any work
     data = load_dataset(root, params.data.dataset)
     train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
 
@@ -218,188 +212,111 @@ def train(
     model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
     optimizer = make_optimizer(recipe, model)
     generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
-    num_params = count_parameters(model)
-    recipe_params = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
-
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    experiment_id = tracking.run_experiment_id(data.name, root)
-    tracking.describe_experiment(experiment_id, data.name)
-    # Under `mlflow run`, MLflow has started a run and exported its id: ours becomes its child.
-    parent_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    tags = tracking.run_tags(root, variant, device.type, device_name(device))
-    tags |= {
-        "data.dataset": data.name,
-        "data.checksum": data.checksum,
-        tracking.RUN_KIND_TAG: "one-off" if outputs.one_off else "pipeline",
-        tracking.NOTE_TAG: tracking.run_description(
-            variant, recipe_params, data.name, data.checksum, root
-        ),
-    }
-    inputs = tracking.datasets(params, data.checksum)
-    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-        # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
-        mlflow.set_system_metrics_sampling_interval(1)
-    mlflow.set_system_metrics_samples_before_logging(1)
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=tracking.run_name(variant),
-        tags=tags,
-        parent_run_id=parent_run_id,
-        log_system_metrics=True,
+    training = record.Training(variant, outputs, params.data)
+    recipe_values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
+    inputs = tracking.datasets(
+        params.data, data.checksum, val_size=settings.val_size, seed=settings.seed
     )
-    run_id = run.info.run_id
-    # From here on Ctrl-C and SIGTERM end the run KILLED, between two training steps, and nothing
-    # is saved; once saving has begun, a signal waits for the run to be complete.
-    with signals_between_steps():
-        status = "FAILED"
-        try:
-            mlflow.log_params(
-                {
-                    "variant": variant,
-                    **recipe_params,
-                    "device_resolved": device.type,
-                    "dataset": data.name,
-                    "train_size": len(train_data.y),
-                    "num_params": num_params,
-                }
-            )
-            used = ("training", "validation") if val_data is not None else ("training",)
-            tracking.log_datasets(mlflow.MlflowClient(), run_id, {c: inputs[c] for c in used})
-            mlflow.log_text(summary_text(model), "model_summary.txt")
-            log_epoch = EpochLogger()
-            history = _fit(
-                model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch
-            )
-            kept = _keep_epoch(model, history, settings.keep)
-            check_signals()  # the last point at which nothing has been saved
-            _write_local_results(outputs, variant, model, recipe, history, kept, num_params, data)
-            saved = ", ".join(
-                str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics)
-            )
-            if log_epoch.error is not None:
-                raise PipelineError(
-                    f"{variant}: the tracking store at {uri} failed during training "
-                    f"({log_epoch.error}); training finished and its results are saved "
-                    f"({saved}). When the store answers again, `mnist-pipeline evaluate "
-                    f"--variant {variant}{' --one-off' if outputs.one_off else ''}` records "
-                    "them as a new run (or re-run the training)"
-                )
-            seconds = [row["time/epoch_seconds"] for row in history]
-            mlflow.log_metrics(
-                {
-                    "time/train_seconds": round(sum(seconds), 4),
-                    # Medians over the epochs (the first pays for warm-up): what `compare` shows.
-                    "time/median_epoch_seconds": round(statistics.median(seconds), 4),
-                    "time/median_samples_per_second": round(
-                        statistics.median(row["time/samples_per_second"] for row in history)
-                    ),
-                    "kept_epoch": kept,
-                }
-            )
-            model_id = log_model(model, variant, params={"variant": variant, **recipe_params})
-            if val_data is not None:
-                # The kept epoch's validation figures, linked to the model (the Models tab).
-                # Same step, time and value as the epoch's own point: MLflow keeps one.
-                row = history[kept - 1]
-                mlflow.log_metrics(
-                    {k: row[k] for k in ("val/accuracy", "val/loss")},
-                    step=kept,
-                    timestamp=log_epoch.timestamps.get(kept),
-                    model_id=model_id,
-                    dataset=inputs["validation"],
-                )
-            # Last: the run is complete, and evaluate finds it by the checkpoint's bytes.
-            mlflow.set_tag(tracking.CHECKPOINT_TAG, file_md5(outputs.checkpoint))
-            status = "FINISHED"
-            if _Signals.received is not None:
-                print(f"{variant}: a signal came while saving; the run is done", file=sys.stderr)
-        except (KeyboardInterrupt, Terminated):
-            status = "KILLED"
-            raise
-        finally:
-            try:
-                mlflow.end_run(status)
-            except Exception:  # the store is gone; what matters is saved locally
-                log.warning("could not mark the MLflow run %s as %s", run_id, status)
+    live = {
+        "device_resolved": device.type,
+        "dataset": data.name,
+        "train_size": len(train_data.y),
+        "num_params": count_parameters(model),
+    }
+    log_epoch = record.EpochLogger()
+    # Ctrl-C and SIGTERM end the run KILLED, between two training steps, and nothing is saved;
+    # once saving has begun, a signal waits for the run to be complete.
+    with (
+        signals_between_steps(),
+        record.new_run(
+            store, training, recipe=recipe_values, checksum=data.checksum, device=device
+        ) as run,
+    ):
+        record.log_recipe(
+            run.info.run_id, variant=variant, recipe=recipe_values, inputs=inputs, extra=live
+        )
+        fitted = fit(
+            model,
+            optimizer,
+            train_data,
+            val_data,
+            recipe=recipe,
+            keep=settings.keep,
+            generator=generator,
+            on_epoch=log_epoch,
+            label=variant,
+        )
+        check_signals()  # the last point at which nothing has been saved
+        model.load_state_dict(fitted.kept_state)
+        write_outputs(outputs, model, variant, params, fitted, data)
+        _check_logged(log_epoch, variant, outputs, root, store.uri)
+        record.log_timings(fitted.history)
+        model_id = record.record_training(run.info.run_id, training, live=log_epoch)
+        if _Signals.received is not None:
+            print(f"{variant}: a signal came while saving; the run is done", file=sys.stderr)
     where = outputs.checkpoint.relative_to(root)
-    print(f"{variant}: MLflow run {run_id} ({tracking.run_name(variant)}), checkpoint {where}")
+    print(f"{variant}: MLflow run {run.info.run_id} ({run.info.run_name}), checkpoint {where}")
     if outputs.one_off:
         print(
             f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
             f"`mnist-pipeline evaluate --variant {variant} --one-off`"
         )
-    return TrainResult(run_id, model_id, history, outputs.checkpoint, num_params)
+    num_params = count_parameters(model)
+    return TrainResult(run.info.run_id, model_id, fitted.history, outputs.checkpoint, num_params)
 
 
-class EpochLogger:
-    """Logs each epoch's metrics in one batched call. If the tracking store fails mid-run,
-    training goes on (its results are saved locally) and the first error is kept."""
-
-    def __init__(self) -> None:
-        self.error: str | None = None
-        self.timestamps: dict[int, int] = {}  # epoch -> the time its metrics were logged at
-
-    def __call__(self, row: dict[str, float], epoch: int) -> None:
-        if self.error is not None:
-            return
-        import mlflow
-
-        try:
-            self.timestamps[epoch] = int(time.time() * 1000)
-            mlflow.log_metrics(row, step=epoch, timestamp=self.timestamps[epoch])
-        except Exception as err:
-            self.error = first_line(err)
-            print(
-                f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
-                "training continues",
-                file=sys.stderr,
-            )
+def _check_logged(log_epoch, variant: str, outputs: paths.Outputs, root: Path, uri: str) -> None:
+    """A store that failed mid-run: the results are saved; say how to record them."""
+    if log_epoch.error is None:
+        return
+    saved = ", ".join(str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics))
+    again = (
+        f"mnist-pipeline evaluate --variant {variant} --one-off"
+        if outputs.one_off
+        else "mnist-pipeline sync"
+    )
+    raise PipelineError(
+        f"{variant}: the tracking store at {uri} failed during training ({log_epoch.error}); "
+        f"training finished and its results are saved ({saved}). When the store answers again, "
+        f"`{again}` records them (or re-run the training)"
+    )
 
 
-def _keep_epoch(model: nn.Module, history: list[dict], keep: str) -> int:
-    """Load the weights to keep into `model`; return their epoch. "best": the epoch with the
-    highest validation accuracy (the split exists for this; the test set is never consulted);
-    "last", or no validation split: the final epoch."""
-    states = {row["epoch"]: row.pop("_state") for row in history if "_state" in row}
-    final = history[-1]["epoch"]
-    if keep != "best" or "val/accuracy" not in history[-1]:
-        return final
-    # The first epoch to reach the best accuracy: the one whose weights _fit kept.
-    best = max(history, key=lambda row: (row["val/accuracy"], -row["epoch"]))["epoch"]
-    if best != final:
-        model.load_state_dict(states[best])
-    return best
+@dataclass(frozen=True)
+class Fit:
+    """What training returns: the per-epoch history, and the epoch kept with its weights."""
+
+    history: list[dict[str, float]]
+    kept_epoch: int
+    kept_state: dict[str, torch.Tensor]
 
 
-def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log_epoch):
-    """The epochs, each: train, validate, log. Rows of the history carry a copy of the weights
-    while they are the best so far (`_state`), for `_keep_epoch`."""
-    history = []
-    best_acc = -1.0
-    use_bar = sys.stderr.isatty()
+def fit(
+    model: nn.Sequential,
+    optimizer: torch.optim.Optimizer,
+    train_data: Split,
+    val_data: Split | None,
+    *,
+    recipe: Recipe,
+    keep: str,
+    generator: torch.Generator | None,
+    on_epoch: Callable[[dict[str, float], int], None],
+    label: str,
+) -> Fit:
+    """The epochs, each: train, validate, report (`on_epoch(row, epoch)`). Kept: with keep="best"
+    and a validation split, the first epoch to reach the best validation accuracy (the split
+    exists for this; the test set is never consulted); otherwise the last."""
+    history: list[dict[str, float]] = []
+    best = BestEpoch()
     for epoch in range(1, recipe.epochs + 1):
-        bar = None
-        if use_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=len(train_data.y),
-                desc=f"{variant} {epoch}/{recipe.epochs}",
-                unit="img",
-                leave=False,
-                mininterval=0.5,
-            )
         start = time.perf_counter()
-        loss, acc = train_epoch(model, optimizer, train_data, recipe.batch_size, generator, bar)
+        with _progress(len(train_data.y), f"{label} {epoch}/{recipe.epochs}") as bar:
+            loss, acc = train_epoch(model, optimizer, train_data, recipe.batch_size, generator, bar)
         seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
         if not math.isfinite(loss):
             raise Diverged(
-                f"{variant}: training loss became {loss} in epoch {epoch}; the recipe diverged. "
-                f"Try a lower learning rate than {recipe.lr} (variants.{variant}.lr)"
+                f"{label}: training loss became {loss} in epoch {epoch}; the recipe diverged. "
+                f"Try a lower learning rate than {recipe.lr} (variants.{label}.lr)"
             )
         row = {
             "train/loss": loss,
@@ -409,48 +326,74 @@ def _fit(model, optimizer, train_data, val_data, recipe, generator, variant, log
         }
         if val_data is not None:
             row["val/loss"], row["val/accuracy"] = evaluate_split(model, val_data)
-        log_epoch(row, epoch)
+            best.offer(epoch, row["val/accuracy"], model)
+        on_epoch(row, epoch)
         history.append({"epoch": epoch, **row})
-        if val_data is not None and row["val/accuracy"] > best_acc:
-            best_acc = row["val/accuracy"]
-            for earlier in history[:-1]:
-                earlier.pop("_state", None)
-            history[-1]["_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        val = (
-            f"val/loss {row['val/loss']:.4f} val/accuracy {row['val/accuracy']:.4f} "
-            if val_data is not None
-            else ""
-        )
-        print(
-            f"{variant} epoch {epoch}/{recipe.epochs}: train/loss {loss:.4f} "
-            f"train/accuracy {acc:.4f} {val}"
-            f"({seconds:.2f}s, {row['time/samples_per_second']:.0f} img/s)",
-            flush=True,
-        )
-    return history
+        print(f"{label} epoch {epoch}/{recipe.epochs}: {_shown(row)}", flush=True)
+    if keep == "best" and best.state is not None:
+        return Fit(history, best.epoch, best.state)
+    return Fit(history, recipe.epochs, _copy(model))
 
 
-def _write_local_results(outputs, variant, model, recipe, history, kept, num_params, data):
+@dataclass
+class BestEpoch:
+    """The first epoch to reach the best validation accuracy so far, and a copy of its weights."""
+
+    epoch: int = 0
+    accuracy: float = -1.0
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, epoch: int, accuracy: float, model: nn.Module) -> None:
+        if accuracy > self.accuracy:  # a tie keeps the earlier epoch
+            self.epoch, self.accuracy, self.state = epoch, accuracy, _copy(model)
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _shown(row: dict[str, float]) -> str:
+    figures = " ".join(f"{k} {row[k]:.4f}" for k in HISTORY_COLUMNS[1:] if k in row)
+    return (
+        f"{figures} ({row['time/epoch_seconds']:.2f}s, {row['time/samples_per_second']:.0f} img/s)"
+    )
+
+
+@contextmanager
+def _progress(total: int, desc: str) -> Iterator[Any]:
+    """A progress bar on a terminal; nothing in a log."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5) as bar:
+        yield bar
+
+
+def write_outputs(outputs: paths.Outputs, model, variant: str, params: Params, fitted: Fit, data):
     """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics) of the
     kept epoch. Only what the recipe and seed determine: the same run twice, the same bytes."""
+    num_params = count_parameters(model)
     checkpoint.save(
         outputs.checkpoint,
         model,
         variant,
-        recipe,
+        params.recipe(variant),
+        train=dataclasses.asdict(params.train),
         dataset=data.name,
         data_checksum=data.checksum,
         num_params=num_params,
-        epoch=kept,
+        epoch=fitted.kept_epoch,
     )
     lines = [",".join(HISTORY_COLUMNS)]
-    for row in history:
+    for row in fitted.history:
         lines.append(",".join(f"{row[c]:.6g}" if c in row else "" for c in HISTORY_COLUMNS))
     write_text_atomic(outputs.history, "\n".join(lines) + "\n")
-    final = history[kept - 1]
+    final = fitted.history[fitted.kept_epoch - 1]
     summary = {
         "params": num_params,
-        "kept_epoch": kept,
+        "kept_epoch": fitted.kept_epoch,
         **{
             k: round(final[k], 6)
             for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
@@ -458,4 +401,3 @@ def _write_local_results(outputs, variant, model, recipe, history, kept, num_par
         },
     }
     write_json_atomic(outputs.train_metrics, summary)
-    return summary

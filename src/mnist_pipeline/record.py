@@ -1,0 +1,599 @@
+"""Outputs → MLflow: the one path from what a stage wrote to its MLflow run.
+
+A stage computes and writes its outputs (what DVC tracks) first; then this module turns those
+outputs, plus what only the live run knows (timings, system metrics, the host), into the record.
+Because the record is made from the outputs, it can be made again from them: `mnist-pipeline sync`
+(the `sync` stage, which DVC always runs) calls the same functions for every variant, so the store
+is a faithful view of DVC's outputs whatever DVC ran, skipped or restored from its cache.
+
+For each variant's checkpoint (known by its MD5, the run tag `checkpoint.md5`) the store holds one
+complete run: the training record (recipe, per-epoch history, summary, logged model), the
+evaluation (test metrics, confusion matrix, misclassified examples, a registered version) and the
+export (ONNX and int8 logged models). Each part ends by tagging the run with the digest of the
+outputs it was made from (`record.evaluation`, `record.export`), so a part is recorded once per
+outputs, and a second `sync` adds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mnist_pipeline import paths, tracking
+from mnist_pipeline.dataset import file_md5
+from mnist_pipeline.errors import PipelineError, first_line
+
+if TYPE_CHECKING:
+    from mnist_pipeline.config import DataConfig, Params
+
+CHECKPOINT_TAG = tracking.CHECKPOINT_TAG  # set last: the training record is complete
+EVALUATION_TAG = "record.evaluation"  # digest of the evaluation outputs recorded
+EXPORT_TAG = "record.export"  # digest of the export outputs recorded
+SOURCE_TAG = "record.source"  # "live" (timed as it ran) or "outputs" (rebuilt from DVC outputs)
+EXP_NAME_TAG, EXP_BASELINE_TAG = "dvc.exp.name", "dvc.exp.baseline"
+PARTS = ("evaluation", "export")
+# The checkpoint's test metrics are logged at step 1, the exported forms' at step 0: each logged
+# model carries its own `test/accuracy`, and the run's (the latest step) is the checkpoint's,
+# which metrics/test/<variant>.json holds.
+EVALUATION_STEP, EXPORT_STEP = 1, 0
+
+
+# --- the store and the run's life -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Store:
+    """A tracking store, reachable, with the data set's experiment in it."""
+
+    uri: str
+    experiment_id: str
+    dataset: str
+    root: Path
+
+    @functools.cached_property
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+
+def open_store(root: Path, dataset: str) -> Store:
+    """Check the store answers (fail fast, before any work) and find or create the experiment."""
+    import mlflow
+
+    uri = tracking.tracking_uri(root)
+    tracking.check_reachable(uri)
+    if moved := tracking.follow_a_moved_project(root):
+        print(f"the project moved from {moved}: its local store now keeps artifacts here")
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.run_experiment_id(dataset, root)
+    tracking.describe_experiment(experiment_id, dataset)
+    return Store(uri=uri, experiment_id=experiment_id, dataset=dataset, root=root)
+
+
+@functools.cache
+def _parent_run_id() -> str | None:
+    """Under `mlflow run`, MLflow has started a run and exported its id: runs recorded here become
+    its children. Taken out of the environment once, or `mlflow.start_run` would resume it."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bool) -> dict:
+    """The tags every run of a variant carries: what, where, from which code, data and
+    experiment. `device` is (type, model name)."""
+    tags = tracking.machine_tags(store.root) | {
+        "variant": variant,
+        "device": device[0],
+        "device.name": device[1],
+        "data.dataset": store.dataset,
+        tracking.RUN_KIND_TAG: "one-off" if one_off else "pipeline",
+    }
+    if stage := os.environ.get("DVC_STAGE"):
+        tags["dvc.stage"] = stage
+    # `dvc exp run` (queued or not) names the experiment and its baseline commit for the stages.
+    if name := os.environ.get("DVC_EXP_NAME"):
+        tags[EXP_NAME_TAG] = name
+        tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+    return tags
+
+
+@contextlib.contextmanager
+def started_run(store: Store, *, variant: str, tags: dict, system_metrics: bool = False):
+    """A new run of `variant`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
+    A store that fails at the end is a warning: what matters is saved locally."""
+    import mlflow
+
+    if system_metrics:
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
+            mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    run = mlflow.start_run(
+        experiment_id=store.experiment_id,
+        run_name=tracking.run_name(variant),
+        tags=tags,
+        parent_run_id=_parent_run_id(),
+        log_system_metrics=system_metrics,
+    )
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except Exception:
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception:
+            print(f"warning: could not mark MLflow run {run.info.run_id} {status}", file=sys.stderr)
+
+
+# --- the training record --------------------------------------------------------------------
+
+
+@dataclass
+class EpochLogger:
+    """Logs each epoch's metrics live, in one batched call. If the store fails mid-run, training
+    goes on (its results are saved locally) and the first error is kept."""
+
+    error: str | None = None
+    timestamps: dict[int, int] = field(default_factory=dict)  # epoch -> when it was logged
+    rows: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> what was
+
+    def __call__(self, row: dict[str, float], epoch: int) -> None:
+        if self.error is not None:
+            return
+        import mlflow
+
+        try:
+            self.timestamps[epoch], self.rows[epoch] = int(time.time() * 1000), row
+            mlflow.log_metrics(row, step=epoch, timestamp=self.timestamps[epoch])
+        except Exception as err:
+            self.error = first_line(err)
+            print(
+                f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
+                "training continues",
+                file=sys.stderr,
+            )
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a training record is made of: the variant's outputs and the data they came from. The
+    recipe and settings are the checkpoint's own (a one-off's differ from params.yaml's)."""
+
+    variant: str
+    outputs: paths.Outputs
+    data: DataConfig
+
+    @property
+    def checksum(self) -> str:
+        """The content checksum of the data set the checkpoint was trained on."""
+        return self.checkpoint[1].get("data_checksum", "unknown")
+
+    @functools.cached_property
+    def checkpoint(self) -> tuple[Any, dict[str, Any]]:
+        from mnist_pipeline import checkpoint
+
+        return checkpoint.load(self.outputs.checkpoint, self.variant)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The recipe and training settings the checkpoint was made with."""
+        meta = self.checkpoint[1]
+        return {**meta["recipe"], **meta.get("train", {})}
+
+    def datasets(self) -> dict:
+        train = self.checkpoint[1].get("train", {})
+        return tracking.datasets(
+            self.data, self.checksum, val_size=train.get("val_size", 0), seed=train.get("seed", 0)
+        )
+
+
+def log_recipe(run_id: str, *, variant: str, recipe: dict, inputs: dict, extra: dict) -> None:
+    """The recipe as params and the data it trained on as dataset inputs (known before
+    training): `inputs` are `tracking.datasets(...)`, `extra` what else the run knows."""
+    from mlflow.entities import Param
+
+    values = {"variant": variant, **recipe, **extra}
+    client = tracking.client()
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    used = ("training", "validation") if recipe.get("val_size") else ("training",)
+    tracking.log_datasets(client, run_id, {c: inputs[c] for c in used})
+
+
+@contextlib.contextmanager
+def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, device=None):
+    """A new run for `training` with `recipe`, on data of content `checksum`: live (timed, with
+    system metrics) on a `torch.device`, or rebuilt from the outputs (`device` None: no timings,
+    none invented)."""
+    from mnist_pipeline.device import device_name
+
+    live = device is not None
+    where = (device.type, device_name(device)) if live else ("unknown", "unknown")
+    tags = run_tags(store, variant=training.variant, device=where, one_off=training.outputs.one_off)
+    note = tracking.run_description(training.variant, recipe, store.dataset, checksum, store.root)
+    if not live:
+        note += "\n\nRebuilt from the pipeline's outputs by `mnist-pipeline sync`: no timings."
+    tags |= {
+        SOURCE_TAG: "live" if live else "outputs",
+        "data.checksum": checksum,
+        tracking.NOTE_TAG: note,
+    }
+    with started_run(store, variant=training.variant, tags=tags, system_metrics=live) as run:
+        yield run
+
+
+def log_timings(history: list[dict[str, float]]) -> None:
+    """What only a live run knows: how long training took (medians over the epochs: the first
+    pays for warm-up; what `compare` shows)."""
+    import statistics
+
+    import mlflow
+
+    seconds = [row["time/epoch_seconds"] for row in history]
+    mlflow.log_metrics(
+        {
+            "time/train_seconds": round(sum(seconds), 4),
+            "time/median_epoch_seconds": round(statistics.median(seconds), 4),
+            "time/median_samples_per_second": round(
+                statistics.median(row["time/samples_per_second"] for row in history)
+            ),
+        }
+    )
+
+
+def record_training(run_id: str, training: Training, *, live: EpochLogger | None = None) -> str:
+    """From the outputs, into the active run `run_id`: the summary, the per-epoch history (a live
+    run logged it as it went), the logged model with the kept epoch's validation figures linked,
+    and last the checkpoint's MD5. Returns the logged model's id."""
+    import mlflow
+
+    from mnist_pipeline.logged_model import log_model
+    from mnist_pipeline.models import summary_text
+
+    model = training.checkpoint[0]
+    history = read_history(training.outputs.history)
+    kept_epoch = training.checkpoint[1].get("epoch")
+    tracking.client().log_text(run_id, summary_text(model), "model_summary.txt")
+    if live is None:  # a live run logged each epoch as it went
+        live = EpochLogger()
+        for epoch, row in history.items():
+            live(row, epoch)
+        if live.error is not None:
+            raise PipelineError(f"{training.variant}: could not record the history ({live.error})")
+    if kept_epoch is not None:
+        mlflow.log_metric("kept_epoch", kept_epoch, run_id=run_id)
+    recipe = training.checkpoint[1]["recipe"]
+    model_id = log_model(model, training.variant, params={"variant": training.variant, **recipe})
+    kept = live.rows.get(kept_epoch, {})
+    if "val/accuracy" in kept:
+        # The kept epoch's validation figures, linked to the model (the Models tab). Same step,
+        # time and value as the epoch's own point: MLflow keeps one.
+        mlflow.log_metrics(
+            {k: kept[k] for k in ("val/accuracy", "val/loss")},
+            step=kept_epoch,
+            timestamp=live.timestamps[kept_epoch],
+            run_id=run_id,
+            model_id=model_id,
+            dataset=training.datasets()["validation"],
+        )
+    tracking.client().set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
+    return model_id
+
+
+def read_history(path: Path) -> dict[int, dict[str, float]]:
+    """The per-epoch rows of a history CSV (plots/train/<variant>.csv): epoch -> metrics."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    header, rows = lines[0].split(","), {}
+    for line in lines[1:]:
+        values = dict(zip(header, line.split(","), strict=True))
+        epoch = int(values.pop("epoch"))
+        rows[epoch] = {k: float(v) for k, v in values.items() if v}
+    return rows
+
+
+# --- the evaluation record ------------------------------------------------------------------
+
+
+def digest(*files: Path | None) -> str | None:
+    """One MD5 for a set of output files; None when one of them is missing (not made yet)."""
+    if not files or any(f is None or not f.is_file() for f in files):
+        return None
+    return hashlib.md5("".join(file_md5(f) for f in files).encode()).hexdigest()
+
+
+def evaluation_digest(outputs: paths.Outputs) -> str | None:
+    return digest(outputs.test_metrics, outputs.predictions)
+
+
+def export_digest(outputs: paths.Outputs) -> str | None:
+    if outputs.export_dir is None:
+        return None
+    forms = [outputs.export_dir / EXPORT_FILES[form] for form in EXPORT_FILES]
+    return digest(outputs.export_metrics, *forms)
+
+
+EXPORT_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
+
+
+def record_evaluation(store: Store, run, training: Training) -> str:
+    """From metrics/test/<variant>.json and the predictions beside it: the test metrics (the
+    file's figures, and what the predictions add: macro precision and recall, per class), linked
+    to the logged model and the test set; the confusion matrix, per-class table and misclassified
+    examples; a registered version. Returns a line saying what was done."""
+    from mlflow.entities import Metric
+
+    from mnist_pipeline import metrics, registry
+    from mnist_pipeline.dataset import FILES, read_idx
+
+    outputs, client = training.outputs, store.client
+    y, pred = metrics.read_predictions(outputs.predictions)
+    cm = metrics.confusion(y, pred)
+    written = json.loads(outputs.test_metrics.read_text())
+    figures = metrics.classification_metrics(cm, written["test/loss"]) | written
+    test_set = training.datasets()["evaluation"]
+    tracking.log_datasets(client, run.info.run_id, {"evaluation": test_set})
+    model_id = tracking.logged_model_id(run, training.variant)
+    now = int(time.time() * 1000)
+    shown = {k: round(v, 6) for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
+    client.log_batch(
+        run.info.run_id,
+        metrics=[
+            Metric(
+                k,
+                v,
+                now,
+                EVALUATION_STEP,
+                model_id=model_id,
+                dataset_name=test_set.name,
+                dataset_digest=test_set.digest,
+            )
+            for k, v in shown.items()
+        ],
+    )
+    images = read_idx(paths.data_dir(store.root, store.dataset) / FILES[2])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "evaluation"
+        folder.mkdir()
+        _evaluation_files(folder, figures, cm, (images, y, pred), training.variant)
+        client.log_artifacts(run.info.run_id, str(folder), artifact_path="evaluation")
+    line = "evaluation recorded"
+    if model_id is not None:
+        line += "; " + registry.register(
+            client, run, model_id, store.dataset, training.variant, figures["test/accuracy"]
+        )
+    client.set_tag(run.info.run_id, EVALUATION_TAG, evaluation_digest(outputs))
+    return line
+
+
+def _evaluation_files(folder: Path, figures: dict, cm, examples: tuple, variant: str) -> None:
+    from mnist_pipeline import metrics, plots
+
+    (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
+    (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
+    rows = (",".join(str(v) for v in row) for row in cm.tolist())
+    (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
+    plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=variant)
+    plots.misclassified(*examples, folder / "misclassified.png", title=variant)
+
+
+# --- the export record ----------------------------------------------------------------------
+
+
+def record_export(store: Store, run, training: Training, live: dict | None = None) -> str:
+    """From exports/<variant>/ and metrics/export/<variant>.json: both ONNX forms as logged models
+    of the run, each with its test accuracy (as `test/accuracy`, like the checkpoint's model) and
+    size linked. `live`: what only a live export measured (the benchmark: latencies, the machine),
+    MLflow's alone."""
+    import mlflow
+
+    outputs, run_id = training.outputs, run.info.run_id
+    recorded = run.data.tags.get(EXPORT_TAG) == export_digest(outputs)
+    model_ids = {"torch": tracking.logged_model_id(run, training.variant)}
+    for form, name in EXPORT_FILES.items():
+        found = tracking.logged_model_id(run, f"{training.variant}-{form}")
+        model_ids[form] = found if recorded and found else _log_onnx(run, training, form, name)
+    figures = json.loads(outputs.export_metrics.read_text())
+    test_set = training.datasets()["evaluation"]
+    now = int(time.time() * 1000)
+    for form, model_id in model_ids.items():
+        values = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith(f"{form}/")}
+        measured = (live or {}).get("forms", {}).get(form, {})
+        values |= {k: v for k, v in measured.items() if "latency" in k}
+        logged = {f"export/{form}/{k}": float(v) for k, v in values.items()}
+        if form != "torch" and not recorded:
+            logged["test/accuracy"] = float(values["accuracy"])
+        if recorded:
+            logged = {k: v for k, v in logged.items() if "latency" in k}
+        mlflow.log_metrics(
+            logged,
+            step=EXPORT_STEP,
+            timestamp=now,
+            run_id=run_id,
+            model_id=model_id,
+            dataset=test_set,
+        )
+    if live:
+        store.client.log_dict(run_id, live, "export/benchmark.json")
+    store.client.set_tag(run_id, EXPORT_TAG, export_digest(outputs))
+    return "latencies recorded" if recorded else f"logged models {training.variant}-onnx, -int8"
+
+
+def _log_onnx(run, training: Training, form: str, file: str) -> str:
+    """Log one ONNX form as a logged model of `run` (its experiment, its outputs); its id.
+
+    Created first and then filled (not `log_model` under the run): logging under a run links
+    every unlinked step-0 metric of the run (training times, system metrics) to the new model,
+    and the export's figures are linked to their own form's model only, after this."""
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow.entities import LoggedModelOutput
+
+    from mnist_pipeline.logged_model import signature
+    from mnist_pipeline.models import INPUT_SHAPE
+
+    name = f"{training.variant}-{form}"
+    model = onnx.load(training.outputs.export_dir / file)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    logged = mlflow.initialize_logged_model(
+        name=name,
+        source_run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        params=run.data.params | {"export.form": form, "export.opset": str(opset)},
+        model_type="onnx",
+    )
+    mlflow.onnx.log_model(
+        model,
+        name=name,
+        model_id=logged.model_id,
+        signature=signature(),
+        input_example=np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
+        save_as_external_data=False,  # one file, as in exports/
+        onnx_execution_providers=["CPUExecutionProvider"],
+        # Stated: inferring requirements loads the model in a fresh environment (seconds).
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
+    )
+    tracking.client().log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
+# --- agreement: one complete run per checkpoint ----------------------------------------------
+
+
+def agree(store: Store, training: Training, *, parts=PARTS, live_export=None) -> list[str]:
+    """Make the store hold one complete run for the checkpoint in `training.outputs`: find the
+    run that trained it (rebuild one from the outputs if there is none) and record each of
+    `parts` whose outputs exist and are not recorded yet. Returns what was done (nothing, when
+    the store already agrees)."""
+    outputs = training.outputs
+    md5 = file_md5(outputs.checkpoint)
+    wanted = {
+        tag: value
+        for part, tag, value in (
+            ("evaluation", EVALUATION_TAG, evaluation_digest(outputs)),
+            ("export", EXPORT_TAG, export_digest(outputs)),
+        )
+        if part in parts and value is not None
+    }
+    runs = tracking.training_runs(store.client, store.experiment_id, md5)
+    complete = [r for r in runs if all(r.data.tags.get(t) == v for t, v in wanted.items())]
+    if complete and live_export is None:
+        return []
+    done = []
+    run = (complete or runs or [None])[0]
+    if run is None:
+        run = rebuild(store, training)
+        done.append(f"rebuilt run {run.info.run_id} from the outputs")
+    tags = run.data.tags
+    if wanted.get(EVALUATION_TAG) not in (None, tags.get(EVALUATION_TAG)):
+        done.append(record_evaluation(store, run, training))
+    if EXPORT_TAG in wanted and (live_export or wanted[EXPORT_TAG] != tags.get(EXPORT_TAG)):
+        done.append(record_export(store, run, training, live_export))
+    return done
+
+
+def rebuild(store: Store, training: Training):
+    """A run for a checkpoint no run in this store trained (a fresh store, a store that failed
+    mid-run, outputs from DVC's cache or a colleague): the recipe, per-epoch history, summary and
+    model from the outputs, tagged `record.source=outputs`."""
+    from mnist_pipeline.models import count_parameters
+
+    with new_run(store, training, recipe=training.recipe, checksum=training.checksum) as run:
+        extra = {"num_params": count_parameters(training.checkpoint[0])}
+        log_recipe(
+            run.info.run_id,
+            variant=training.variant,
+            recipe=training.recipe,
+            inputs=training.datasets(),
+            extra=extra,
+        )
+        record_training(run.info.run_id, training)
+    return store.client.get_run(run.info.run_id)
+
+
+# --- sync: every variant's outputs, at the end of each `dvc repro` ---------------------------
+
+RECEIPT_TAG = "mnist_pipeline.synced"  # on the experiment: the outputs last found in agreement
+
+
+def sync(params: Params, root: Path, *, verify: bool = False) -> int:
+    """Make the store agree with every variant's pipeline outputs. Cheap when it already does:
+    the outputs' fingerprint is compared with the one the last sync left on the experiment
+    (on the local SQLite store, read without starting MLflow); `verify` looks at every run.
+    Returns the number of variants whose record changed."""
+    trainings = [
+        Training(variant, paths.pipeline_outputs(root, variant), params.data)
+        for variant in params.variants
+        if paths.checkpoint_path(root, variant).is_file()
+    ]
+    uri = tracking.tracking_uri(root)
+    name = tracking.experiment_name(params.data.dataset)
+    fingerprint = _fingerprint(trainings, name)
+    if not verify and _receipt(uri, name) == fingerprint:
+        print(f"sync: {uri} agrees with the outputs of {len(trainings)} variants; nothing to do")
+        return 0
+    store = open_store(root, params.data.dataset)
+    changed = 0
+    for training in trainings:
+        done = agree(store, training)
+        changed += bool(done)
+        for line in done:
+            print(f"{training.variant}: {line}")
+    store.client.set_experiment_tag(store.experiment_id, RECEIPT_TAG, fingerprint)
+    print(f"sync: {uri} agrees with the outputs of {len(trainings)} variants ({changed} recorded)")
+    return changed
+
+
+def _fingerprint(trainings: list[Training], experiment: str) -> str:
+    state = [
+        (
+            t.variant,
+            file_md5(t.outputs.checkpoint),
+            evaluation_digest(t.outputs),
+            export_digest(t.outputs),
+        )
+        for t in trainings
+    ]
+    return hashlib.md5(json.dumps([experiment, state]).encode()).hexdigest()
+
+
+def _receipt(uri: str, experiment: str) -> str | None:
+    """The fingerprint the last sync left on `experiment`, read straight from a local SQLite
+    store (importing MLflow costs 2-3 s, more than a no-op `dvc repro` may); None elsewhere, or
+    whenever anything is unexpected: the full check then runs."""
+    import sqlite3
+    from urllib.parse import unquote
+
+    if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    path = Path(unquote(uri[len("sqlite:///") :]))
+    if not path.is_file():
+        return None
+    query = (
+        "SELECT t.value FROM experiment_tags t JOIN experiments e"
+        " ON e.experiment_id = t.experiment_id"
+        " WHERE e.name = ? AND e.lifecycle_stage = 'active' AND t.key = ?"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute(query, (experiment, RECEIPT_TAG)).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
