@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(params_path)
 
     if args.command == "download":
-        from mnist_pipeline.dataset import download
+        from mnist_pipeline.download import download
 
         download(params.data, root)
     elif args.command == "train":
