@@ -1,0 +1,133 @@
+"""`dvc plots show`: charts that name their variant, loss and accuracy on axes of their own, and a
+page that renders with no network (the libraries inline, from plots_page.py's template).
+
+The page is DVC's own, from a real `dvc plots show` in a temporary git + DVC repository holding
+dvc.yaml's plot definitions and small plot files; the browser is Debian's headless chromium in a
+network namespace of its own (`unshare --net`), where it exists."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_pipeline.plots_page import main as write_plots_page
+from tests.conftest import REPO, committed_params_text
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+DEFINITIONS = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+VARIANTS = list(yaml.safe_load(committed_params_text())["variants"])
+SHOWN = ["logistic_regression", "mlp512_relu"]  # two variants are enough for the page
+
+
+def definitions() -> dict[str, dict]:
+    return {name: props for entry in DEFINITIONS for name, props in entry.items()}
+
+
+def test_every_variant_has_its_three_charts_titled_with_its_name():
+    charts = definitions()
+    assert sorted(charts) == sorted(
+        f"{v}/{kind}" for v in VARIANTS for kind in ("loss", "accuracy", "confusion")
+    )
+    for variant in VARIANTS:
+        for kind, fields in (("loss", ["train/loss", "val/loss"]), ("accuracy", None)):
+            props = charts[f"{variant}/{kind}"]
+            fields = fields or ["train/accuracy", "val/accuracy"]
+            assert props["y"] == {f"plots/train/{variant}.csv": fields}  # one quantity per axis
+            assert props["y_label"] == kind and props["x"] == "epoch"
+            assert props["title"].startswith(f"{variant}: ")
+        confusion = charts[f"{variant}/confusion"]
+        assert confusion["y"] == {f"plots/predictions/{variant}.csv": "actual"}
+        assert confusion["title"].startswith(f"{variant}: ")
+
+
+def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory) -> dict[str, str]:
+    """DVC's page for two variants: with the offline template ("offline") and DVC's own."""
+    repo = tmp_path_factory.mktemp("plots")
+    shown = [entry for entry in DEFINITIONS if next(iter(entry)).split("/")[0] in SHOWN]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": shown}, sort_keys=False))
+    for variant in SHOWN:
+        header = ["epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy"]
+        rows = [[e, 1 / e, 1 - 0.5 / e, 1.1 / e, 1 - 0.6 / e] for e in (1, 2, 3)]
+        write_csv(repo / "plots" / "train" / f"{variant}.csv", header, rows)
+        pairs = [[k % 10, (k * 7) % 10] for k in range(40)]
+        write_csv(repo / "plots" / "predictions" / f"{variant}.csv", ["actual", "predicted"], pairs)
+    sh(["git", "init", "-q"], repo)
+    sh([DVC, "init", "-q"], repo)
+    template = repo / "offline.html"
+    assert write_plots_page([str(template)]) == 0
+    options = {"offline": ["--html-template", str(template)], "dvc": []}
+    found = {}
+    for name, extra in options.items():
+        sh([DVC, "plots", "show", *extra, "-o", name], repo)
+        found[name] = repo / name / "index.html"
+    return {name: str(path) for name, path in found.items()}
+
+
+def test_the_page_references_no_remote_script(pages):
+    html = Path(pages["offline"]).read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # every script is inline
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "cdn.jsdelivr" in Path(pages["dvc"]).read_text()  # what the template replaces
+    for variant in SHOWN:
+        assert f"{variant}: loss per epoch" in html
+
+
+def rendered_charts(page: str) -> str:
+    """The page's DOM once its scripts ran, in a browser with no network at all."""
+    browser = shutil.which("chromium")
+    if browser is None or shutil.which("unshare") is None:
+        reason = "needs Debian's chromium and unshare (`make chromium` installs chromium)"
+        if os.environ.get("CI"):  # CI never silently skips: `make test` installs it
+            pytest.fail(reason)
+        pytest.skip(reason)
+    profile = Path(page).parent / "profile"
+    cmd = [
+        *("unshare", "--net", browser, "--headless", "--no-sandbox", "--disable-gpu"),
+        *("--disable-background-networking", "--disable-component-update", "--disable-sync"),
+        *("--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000"),
+        *("--dump-dom", Path(page).as_uri()),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"no network namespace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_the_page_draws_every_chart_offline(pages):
+    dom = rendered_charts(pages["offline"])
+    drawn = re.findall(r'<svg[^>]*class="marks"', dom)  # vega-embed's drawing, one per chart
+    assert len(drawn) == 3 * len(SHOWN)
+    titles = re.findall(r'class="mark-text role-title-text".*?<text[^>]*>([^<]*)</text>', dom)
+    for variant in SHOWN:
+        for what in ("loss per epoch", "accuracy per epoch", "confusion matrix (test set)"):
+            assert f"{variant}: {what}" in titles
+
+
+def test_dvcs_own_page_is_blank_offline(pages):
+    """The check above can fail: DVC's page, which loads the libraries from a CDN, draws none."""
+    dom = rendered_charts(pages["dvc"])
+    assert "vegaEmbed(" in dom
+    assert re.findall(r'<svg[^>]*class="marks"', dom) == []
