@@ -71,8 +71,15 @@ format: $(STAMP) ## Ruff: fix and format in place
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# One worker is plenty for one person (MLflow's default, 4, prints every start-up line 4 times), and
+# MLflow 3.17's server imports a module Starlette has deprecated: a warning meant for MLflow's
+# developers, hidden here. UI_STORE and UI_PORT pick another store or port.
+UI_STORE ?= sqlite:///$(CURDIR)/mlflow.db
+UI_PORT  ?= 5000
 ui: $(STAMP) ## the MLflow UI on the local tracking store, http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" \
+	  $(BIN)/mlflow ui --backend-store-uri $(UI_STORE) --registry-store-uri $(UI_STORE) \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 clean: ## remove the virtual environment and caches (data, models and runs stay)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -48,20 +48,12 @@ def pipeline_params() -> dict:
     return params
 
 
-def pipeline_dvc_yaml() -> dict:
-    """dvc.yaml with the charts of VARIANTS only: the other variants have no plot files here."""
-    spec = yaml.safe_load(DVC_YAML)
-    spec["plots"] = [p for p in spec["plots"] if next(iter(p)).split("/")[0] in VARIANTS]
-    return spec
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_mirror):
     """A git + DVC repository with the project copied in, after one full `dvc repro`."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("pyproject.toml", ".gitignore"):
+    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline_dvc_yaml(), sort_keys=False))
     shutil.copytree(
         REPO / "src", repo / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
     )
@@ -81,6 +73,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
     sh(["git", "init", "-q"], repo, env)
     sh([DVC, "init", "-q"], repo, env)
     sh([DVC, "config", "core.analytics", "false"], repo, env)
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the charts' templates
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "project"], repo, env)
     first = sh([DVC, "repro"], repo, env)
@@ -204,3 +197,26 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
         output_format="list",
     )
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"
+
+
+def test_going_back_to_an_earlier_recipe_restores_it_from_the_run_cache(pipeline):
+    """What switching data sets back and forth relies on: DVC's run cache restores a stage whose
+    deps and params it has seen, without running it, as long as no output of the stage is a
+    `cache: false` out (plots and metrics may be). Only `report` runs: its committed folder is
+    such an out."""
+    repo, env, _ = pipeline
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    before = params["variants"]["logistic_regression"]["lr"]
+    params["variants"]["logistic_regression"]["lr"] = before / 2
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train@logistic_regression" in ran_stages(sh([DVC, "repro"], repo, env))
+
+    params["variants"]["logistic_regression"]["lr"] = before
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    back = sh([DVC, "repro"], repo, env)
+
+    restored = [line.split("'")[1] for line in back.splitlines() if "is cached - skipping" in line]
+    assert sorted(restored) == sorted(per_variant("logistic_regression"))
+    assert ran_stages(back) == ["report"]
+    assert "up to date" in sh([DVC, "status"], repo, env).lower()

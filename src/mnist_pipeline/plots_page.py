@@ -29,7 +29,7 @@ LIBS
     <style>
         /* one row per variant: its loss, its accuracy, its confusion matrix (dvc.yaml) */
         body { font-family: sans-serif; display: grid; gap: 12px;
-               grid-template-columns: repeat(3, max-content); }
+               grid-template-columns: repeat(2, max-content); }
     </style>
 </head>
 <body>
