@@ -62,12 +62,14 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pages(repo: Path) -> dict[str, str]:
-    """DVC's page: with the offline template ("offline") and DVC's own ("dvc")."""
-    template = repo / "offline.html"
-    assert write_plots_page([str(template)]) == 0
+    """DVC's own page ("dvc"), then the page after what `make setup` does ("offline"): write the
+    template into .dvc/tmp/ and name it, relative to .dvc/, in .dvc/config.local."""
     found = {}
-    for name, extra in {"offline": ["--html-template", str(template)], "dvc": []}.items():
-        shown = sh([DVC, "plots", "show", *extra, "-o", name], repo)
+    for name in ("dvc", "offline"):
+        if name == "offline":
+            assert write_plots_page([str(repo / ".dvc" / "tmp" / "offline-plots.html")]) == 0
+            sh([DVC, "config", "--local", "plots.html_template", "tmp/offline-plots.html"], repo)
+        shown = sh([DVC, "plots", "show", "-o", name], repo)
         assert "failed to load" not in shown.stdout + shown.stderr
         found[name] = str(repo / name / "index.html")
     return found
