@@ -77,7 +77,8 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         return response, int(length) if length and length.isdigit() else None
     path = folder / name
     if not folder.is_dir():
-        # absolute: a relative MNIST_MIRROR is read from the project root, where DVC runs stages
+        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC, the
+        # project root), which the user may not have in mind
         raise MirrorFailure(f"no such folder ({folder.resolve()})")
     if not path.is_file():
         raise MirrorFailure("file not found")
