@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -220,3 +221,29 @@ def test_going_back_to_an_earlier_recipe_restores_it_from_the_run_cache(pipeline
     assert sorted(restored) == sorted(per_variant("logistic_regression"))
     assert ran_stages(back) == ["report"]
     assert "up to date" in sh([DVC, "status"], repo, env).lower()
+
+
+@pytest.mark.slow
+def test_the_readmes_way_to_read_an_experiment_fits_120_columns(pipeline):
+    """The README's `dvc exp diff` and `--keep` table after a one-parameter experiment: every
+    line within 120 columns, nothing cut to `…`, the change there to read."""
+    repo, env, _ = pipeline
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "results on this machine"], repo, env)
+    readme = (REPO / "README.md").read_text()
+    run = next(line for line in readme.splitlines() if line.startswith("dvc exp run -S variants"))
+    name = shlex.split(run)[shlex.split(run).index("-n") + 1]
+    reads = [
+        line.split("  #")[0].replace("ffn1_relu", "ffn1_tanh")  # a variant of this repo's
+        for line in readme.splitlines()
+        if line.startswith((f"dvc exp diff HEAD {name}", "dvc exp show --drop"))
+    ]
+    assert len(reads) == 2
+    command = shlex.split(run.split("  #")[0].replace("ffn1_relu", "ffn1_tanh"))
+    sh([DVC, *command[1:]], repo, env)
+
+    for read in reads:
+        out = sh([DVC, *shlex.split(read)[1:]], repo, env | {"COLUMNS": "120"})
+        assert max(len(line) for line in out.splitlines()) <= 120, out
+        assert "…" not in out, out
+        assert "0.05" in out, out  # the changed lr, and the metrics beside it
