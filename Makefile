@@ -11,15 +11,21 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup postgres pipeline test test-slow lint format ui benchmark clean
+.PHONY: help setup postgres chromium pipeline test test-slow lint format ui benchmark clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# DVC's plot pages load vega from a CDN, blank offline: make it use a template with the libraries
+# inline (git-ignored, machine-local: .dvc/config.local; DVC reads the path from .dvc/).
+PLOTS_PAGE := .dvc/tmp/offline-plots.html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e . --group dev
+	$(PY) -m mnist_pipeline.plots_page $(PLOTS_PAGE)
+	$(BIN)/dvc config --local plots.html_template $(PLOTS_PAGE:.dvc/%=%)
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with the project and its dev tools
@@ -36,10 +42,21 @@ postgres: ## install Debian's PostgreSQL server programs if they are missing
 	  || echo "could not install postgresql: tests/test_team.py will be skipped"; \
 	fi
 
+# tests/test_plots.py opens DVC's plot page in Debian's headless chromium, in a network namespace
+# with no network (`unshare --net`), to see it draw every chart offline. Skipped without it.
+chromium: ## install Debian's chromium if it is missing (for tests/test_plots.py)
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  echo "installing Debian's chromium (for tests/test_plots.py)"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	  || echo "could not install chromium: the browser checks in tests/test_plots.py will be skipped"; \
+	fi
+
 pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
 	$(BIN)/dvc repro
 
-test: $(STAMP) postgres ## Ruff (lint + format check) and the default test run
+test: $(STAMP) postgres chromium ## Ruff (lint + format check) and the default test run
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -54,8 +71,15 @@ format: $(STAMP) ## Ruff: fix and format in place
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# One worker is plenty for one person (MLflow's default, 4, prints every start-up line 4 times), and
+# MLflow 3.17's server imports a module Starlette has deprecated: a warning meant for MLflow's
+# developers, hidden here. UI_STORE and UI_PORT pick another store or port.
+UI_STORE ?= sqlite:///$(CURDIR)/mlflow.db
+UI_PORT  ?= 5000
 ui: $(STAMP) ## the MLflow UI on the local tracking store, http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+	PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" \
+	  $(BIN)/mlflow ui --backend-store-uri $(UI_STORE) --registry-store-uri $(UI_STORE) \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 clean: ## remove the virtual environment and caches (data, models and runs stay)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.config import load_params, with_overrides
-from mnist_pipeline.dataset import FILES, download, load_dataset
+from mnist_pipeline.dataset import FILES, load_dataset
+from mnist_pipeline.download import download
 from mnist_pipeline.models import VARIANTS, build_model, logits_view
 from mnist_pipeline.paths import PARAMS_FILE, data_dir, project_root
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_pipeline.dataset import FILES, file_md5, gzip_file, write_idx
+from mnist_pipeline.dataset import FILES, file_md5
+from tests.helpers import gzip_file, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 600, 200

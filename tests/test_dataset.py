@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +29,11 @@ import torch
 import yaml
 
 from mnist_pipeline.cli import main
-from mnist_pipeline.config import DataConfig
-from mnist_pipeline.dataset import (
-    FILES,
-    data_checksum,
-    download,
-    file_md5,
-    load_dataset,
-    mirrors_to_try,
-    read_idx,
-    write_idx,
-)
+from mnist_pipeline.config import DataConfig, load_params
+from mnist_pipeline.dataset import FILES, data_checksum, file_md5, load_dataset, read_idx
+from mnist_pipeline.download import download, mirrors_to_try
 from mnist_pipeline.errors import PipelineError
+from tests.helpers import write_idx
 
 if TYPE_CHECKING:  # conftest is pytest's to import: its fixtures give these tests their data
     from tests.conftest import Mirror
@@ -462,6 +456,51 @@ def test_bad_checksums_file_is_a_clear_error(tiny_env, tmp_path, monkeypatch, te
     monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(tmp_path / "md5.json"))
     with pytest.raises(PipelineError, match="MNIST_CHECKSUMS_FILE"):
         download(DataConfig("mnist", {}), tiny_env, log=lambda line: None)
+
+
+def test_a_failed_first_download_leaves_no_folder(tiny_env, tmp_path, monkeypatch, capsys):
+    """A mirror path that does not exist (a README path copied into another layout): the error
+    says where it looked and suggests something else; data/ is as it was, with no empty folder."""
+    missing = tmp_path / "shared" / "data" / "fashion-mnist"
+    monkeypatch.setenv("MNIST_MIRROR", str(missing))
+    set_params(tiny_env, dataset="fashion-mnist")
+
+    assert main(["download"]) == 1
+
+    assert not (tiny_env / "data").exists()
+    err = capsys.readouterr().err
+    assert f"no such folder ({missing})" in err
+    assert err.count(str(missing)) == 2  # where it looked; never suggested back
+    public = yaml.safe_load((tiny_env / "params.yaml").read_text())["data"]["mirrors"]
+    assert f"from {public['fashion-mnist'][0]} on a machine with internet" in err
+    assert "or unset MNIST_MIRROR" in err
+
+
+def test_the_error_suggests_a_mirror_that_works(
+    tiny_env, tiny_mirror, http_mirror, monkeypatch, tmp_path
+):
+    """Follow the error's advice to the letter: fetch the named files from the named source into
+    a folder, point MNIST_MIRROR at it, and the download succeeds."""
+    source = http_mirror.serve("public", gz_files(tiny_mirror))
+    set_params(tiny_env, mirrors=[source])
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_env / "not-here"))
+    with pytest.raises(PipelineError) as err:
+        download(load_params(tiny_env / "params.yaml").data, tiny_env, log=lambda line: None)
+
+    advice = str(err.value).split(". To work offline, ")[1]
+    names = advice.split("fetch ")[1].split(" from ")[0].split()
+    url = advice.split(" from ")[1].split(" on a machine")[0]
+    assert url == source and len(names) == len(FILES)
+    own = tmp_path / "my-mirror"
+    own.mkdir()
+    for name in names:
+        with urllib.request.urlopen(url + name, timeout=10) as reply:
+            (own / name).write_bytes(reply.read())
+    monkeypatch.setenv("MNIST_MIRROR", str(own))
+
+    assert main(["download"]) == 0
+    folder = tiny_env / "data" / "mnist"
+    assert {n: file_md5(folder / n) for n in FILES} == expected_md5s(tiny_mirror)
 
 
 def test_cli_end_to_end_in_a_subprocess(tiny_env, tiny_mirror, tmp_path):

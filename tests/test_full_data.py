@@ -44,7 +44,7 @@ def test_every_variant_has_a_floor():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_default_recipe_reaches_its_floor(full_project, variant, monkeypatch):
     from mnist_pipeline.config import load_params
-    from mnist_pipeline.dataset import download
+    from mnist_pipeline.download import download
     from mnist_pipeline.evaluate import evaluate
     from mnist_pipeline.train import train
 

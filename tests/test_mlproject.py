@@ -20,16 +20,16 @@ from mlflow.utils.environment import _PythonEnv
 from mnist_pipeline.cli import build_parser
 from tests.conftest import REPO, Mirror, tiny_params
 
-ENTRY_POINTS = {"main", "download", "train", "evaluate", "compare"}
-# MLproject parameter -> the `mnist-pipeline train` flag it sets, with a sample value
+ENTRY_POINTS = {"main", "download", "train", "evaluate"}
+# `mlflow run -e train -P <name>=<value>` -> the `mnist-pipeline train` flag it sets, a sample value
 TRAIN_OVERRIDES = {
     "epochs": ("--epochs", "1"),
     "lr": ("--lr", "0.05"),
-    "batch_size": ("--batch-size", "32"),
+    "batch-size": ("--batch-size", "32"),
     "optimizer": ("--optimizer", "adam"),
     "seed": ("--seed", "3"),
     "device": ("--device", "cpu"),
-    "val_size": ("--val-size", "0"),
+    "val-size": ("--val-size", "0"),
     "keep": ("--keep", "last"),
 }
 
@@ -73,11 +73,11 @@ def test_fixed_commands(project):
 
 
 def test_train_without_overrides_is_dvcs_command(project):
-    """An override left at its empty default is not passed: params.yaml's value holds."""
+    """No override given, none passed: params.yaml's values hold."""
     assert argv(project, "train", {"variant": "ffn1_relu"}) == dvc_command("train", "ffn1_relu")
 
 
-def test_train_overrides_become_typed_cli_flags(project):
+def test_train_overrides_become_cli_flags(project):
     given = {name: value for name, (_, value) in TRAIN_OVERRIDES.items()}
     args = argv(project, "train", {"variant": "mlp_relu_dropout", **given})
     expected = ["train", "--variant", "mlp_relu_dropout"]
@@ -91,30 +91,25 @@ def test_train_overrides_become_typed_cli_flags(project):
     assert one == ["train", "--variant", "ffn1_relu", "--lr", "0.01"]
 
 
-def test_every_train_value_flag_has_a_parameter(project):
-    """A value flag added to `mnist-pipeline train` must reach the MLproject too."""
+def test_every_train_value_flag_can_be_given_and_only_given_ones_are_recorded(project):
+    """A value flag of `mnist-pipeline train` is an MLproject parameter by its own name, and
+    MLflow records only the parameters given: no optional one with an empty default."""
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     train = commands.choices["train"]
-    # Flags that take a value. The on/off switches (--shuffle/--no-shuffle, nargs=0) have no
-    # MLproject parameter: params.yaml sets them.
-    flags = {a.dest for a in train._actions if a.option_strings and a.nargs is None}
-    parameters = set(project.get_entry_point("train").parameters)
-    assert flags - {"variant"} == set(TRAIN_OVERRIDES)
-    assert parameters == flags
-    for name in TRAIN_OVERRIDES:
-        assert project.get_entry_point("train").parameters[name].default == ""
+    # Flags that take a value. The on/off switches (--shuffle/--no-shuffle, nargs=0) are set in
+    # params.yaml.
+    flags = {a.option_strings[0] for a in train._actions if a.option_strings and a.nargs is None}
+    assert flags - {"--variant"} == {flag for flag, _ in TRAIN_OVERRIDES.values()}
+    assert {f"--{name}" for name in TRAIN_OVERRIDES} == flags - {"--variant"}
+    entry_point = project.get_entry_point("train")
+    assert set(entry_point.parameters) == {"variant"}  # nothing with a default to record as ''
+    recorded, extra = entry_point.compute_parameters({"variant": "ffn1_relu", "lr": "0.01"}, None)
+    assert recorded | extra == {"variant": "ffn1_relu", "lr": "0.01"}
 
 
 def test_a_value_cannot_inject_shell(project):
     args = argv(project, "train", {"variant": "ffn1_relu", "optimizer": "adam; echo pwned"})
     assert args[-2:] == ["--optimizer", "adam; echo pwned"]
-
-
-def test_compare_filters(project):
-    args = argv(project, "compare", {"hosts": "laptop,gpu box", "csv": "out/c.csv"})
-    assert args == ["compare", "--hosts", "laptop,gpu box", "--csv", "out/c.csv"]
-    assert argv(project, "compare", {}) == ["compare"]
-    build_parser().parse_args(args)
 
 
 # --- a real `mlflow run` ------------------------------------------------------------------------
@@ -159,7 +154,8 @@ def test_mlflow_run_train_makes_a_child_run(tiny_data: Path, tiny_mirror: Mirror
     experiment = "mnist-pipeline-mnist"
     command = [
         *("mlflow", "run", str(root), "--env-manager", "local", "-e", "train"),
-        *("--experiment-name", experiment, "-P", "variant=ffn1_relu", "-P", "epochs=1"),
+        *("--experiment-name", experiment, "--run-name", "ffn1_relu, 1 epoch"),
+        *("-P", "variant=ffn1_relu", "-P", "epochs=1"),
     ]
     out = subprocess.run(
         command, cwd=root, env=mlflow_env(root, tiny_mirror), capture_output=True, text=True
@@ -168,7 +164,8 @@ def test_mlflow_run_train_makes_a_child_run(tiny_data: Path, tiny_mirror: Mirror
 
     parent, children = family(root, experiment)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["variant"] == "ffn1_relu"
+    assert parent.info.run_name == "ffn1_relu, 1 epoch"  # the README's --run-name, not a random one
+    assert parent.data.params == {"variant": "ffn1_relu", "epochs": "1"}  # what was given: no ''
     assert [c.data.tags["variant"] for c in children] == ["ffn1_relu"]
     child = children[0]
     assert child.info.status == "FINISHED"

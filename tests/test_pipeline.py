@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -75,6 +76,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
     sh(["git", "init", "-q"], repo, env)
     sh([DVC, "init", "-q"], repo, env)
     sh([DVC, "config", "core.analytics", "false"], repo, env)
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the charts' templates
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "project"], repo, env)
     first = sh([DVC, "repro"], repo, env)
@@ -149,11 +151,13 @@ def test_metrics_and_plots_show(pipeline):
     for variant in VARIANTS:
         assert f"metrics/test/{variant}.json" in files
         assert f"metrics/train/{variant}.json" in files
-    sh([DVC, "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
+    shown = sh([DVC, "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
+    assert "failed to load" not in shown
     html = (repo / "dvc_plots" / "index.html").read_text()
-    # one curve chart and one confusion matrix per variant, nothing else
+    # per variant: its training curves and its confusion matrix, nothing else (test_plots.py)
     assert html.count("vegaEmbed(") == 2 * len(VARIANTS)
-    assert "Confusion matrix (test set)" in html and "Loss and accuracy per epoch" in html
+    for variant in VARIANTS:
+        assert f"{variant}: loss and accuracy" in html and f"{variant}: confusion matrix" in html
 
 
 def test_second_repro_does_nothing_and_one_change_reruns_one_variant(pipeline):
@@ -247,6 +251,29 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"
 
 
+def test_going_back_to_an_earlier_recipe_restores_it_from_the_run_cache(pipeline):
+    """What switching data sets back and forth relies on: DVC's run cache restores a stage whose
+    deps and params it has seen, without running it, as long as no output of the stage is a
+    `cache: false` out (plots and metrics may be). Only `report` runs: its committed folder is
+    such an out."""
+    repo, env, _ = pipeline
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    before = params["variants"]["logistic_regression"]["lr"]
+    params["variants"]["logistic_regression"]["lr"] = before / 2
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train@logistic_regression" in ran_stages(sh([DVC, "repro"], repo, env))
+
+    params["variants"]["logistic_regression"]["lr"] = before
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    back = sh([DVC, "repro"], repo, env)
+
+    restored = [line.split("'")[1] for line in back.splitlines() if "is cached - skipping" in line]
+    assert sorted(restored) == sorted(per_variant("logistic_regression"))
+    assert ran_stages(back) == ["report", "sync"]
+    assert "modified" not in sh([DVC, "status"], repo, env)
+
+
 def test_a_dvc_experiment_names_its_runs_and_compare_shows_it_beside_its_baseline(pipeline):
     repo, env, _ = pipeline
     baseline = sh(["git", "rev-parse", "HEAD"], repo, env).strip()
@@ -265,3 +292,29 @@ def test_a_dvc_experiment_names_its_runs_and_compare_shows_it_beside_its_baselin
     cli = str(Path(sys.executable).with_name("mnist-pipeline"))
     shown = sh([cli, "compare", "--exp", "tanh-fast", "--variants", "ffn1_tanh"], repo, env)
     assert "tanh-fast · pipeline-test" in shown and f"baseline {baseline[:7]}" in shown
+
+
+@pytest.mark.slow
+def test_the_readmes_way_to_read_an_experiment_fits_120_columns(pipeline):
+    """The README's `dvc exp diff` and `--keep` table after a one-parameter experiment: every
+    line within 120 columns, nothing cut to `…`, the change there to read."""
+    repo, env, _ = pipeline
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "results on this machine"], repo, env)
+    readme = (REPO / "README.md").read_text()
+    run = next(line for line in readme.splitlines() if line.startswith("dvc exp run -S variants"))
+    name = shlex.split(run)[shlex.split(run).index("-n") + 1]
+    reads = [
+        line.split("  #")[0].replace("ffn1_relu", "ffn1_tanh")  # a variant of this repo's
+        for line in readme.splitlines()
+        if line.startswith((f"dvc exp diff HEAD {name}", "dvc exp show --drop"))
+    ]
+    assert len(reads) == 2
+    command = shlex.split(run.split("  #")[0].replace("ffn1_relu", "ffn1_tanh"))
+    sh([DVC, *command[1:]], repo, env)
+
+    for read in reads:
+        out = sh([DVC, *shlex.split(read)[1:]], repo, env | {"COLUMNS": "120"})
+        assert max(len(line) for line in out.splitlines()) <= 120, out
+        assert "…" not in out, out
+        assert "0.05" in out, out  # the changed lr, and the metrics beside it

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +20,7 @@ import pytest
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
-
-STARTUP_TIMEOUT_S = 120  # MLflow's server imports a lot; a busy CI machine takes its time
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port, serving
 
 
 @dataclass(frozen=True)
@@ -53,34 +42,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # one process less; no jobs here
-    log = base / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"mlflow server not ready in {STARTUP_TIMEOUT_S}s:\n"
-                        f"{log.read_text()[-3000:]}"
-                    )
-                time.sleep(0.25)
+    with serving(command, url=f"{url}/health", log=base / "server.log", env=env):
         yield Server(url, artifacts)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture

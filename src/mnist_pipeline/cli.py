@@ -111,7 +111,7 @@ def _add_compare(sub) -> None:
 
 
 def _download(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.dataset import download
+    from mnist_pipeline.download import download
 
     download(params.data, root)
 

@@ -1,0 +1,236 @@
+"""Stage 1, `mnist-pipeline download`: fetch the four IDX files from a mirror, verified.
+
+    MNIST_MIRROR=~/mnist-mirror mnist-pipeline download
+
+A file is accepted only if its *uncompressed* content has the canonical MD5 (mirrors re-compress,
+so the .gz bytes may differ) and its IDX header matches its size. Files are written atomically:
+data/ holds valid files or none, and a download that fails leaves no folder it made behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mnist_pipeline.config import DataConfig
+from mnist_pipeline.dataset import (
+    CHUNK,
+    FILES,
+    BadIdx,
+    check_idx_file,
+    expected_checksums,
+    file_md5,
+    shown_path,
+)
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.fileio import atomic_path
+from mnist_pipeline.paths import data_dir
+
+MIRROR_ENV = "MNIST_MIRROR"
+TIMEOUT_S = 30
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class MirrorFailure(Exception):
+    """This mirror could not provide a valid copy of this file (the message says why)."""
+
+
+def _local_folder(mirror: str) -> Path | None:
+    """The folder a mirror names (a path or a file: URL), or None for a remote URL."""
+    if mirror.startswith("file:"):
+        # url2pathname undoes the percent-encoding (Path.as_uri() writes a space as %20);
+        # urlsplit drops a `localhost` host.
+        return Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
+    if "://" in mirror:
+        return None
+    return Path(mirror).expanduser()
+
+
+def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
+    """Open `<mirror>/<name>` (a URL or a local folder); return the stream and its length."""
+    folder = _local_folder(mirror)
+    if folder is None:
+        url = mirror.rstrip("/") + "/" + name
+        request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
+        try:
+            response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as err:
+            raise MirrorFailure(f"HTTP {err.code} {err.reason}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise MirrorFailure(f"unreachable ({reason})") from None
+        except (http.client.HTTPException, ValueError) as err:
+            # a malformed URL (`http://host:port-typo/`) or a reply that is not HTTP
+            raise MirrorFailure(f"bad URL or reply ({type(err).__name__}: {err})") from None
+        length = response.headers.get("Content-Length")
+        return response, int(length) if length and length.isdigit() else None
+    path = folder / name
+    if not folder.is_dir():
+        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC, the
+        # project root), which the user may not have in mind
+        raise MirrorFailure(f"no such folder ({folder.resolve()})")
+    if not path.is_file():
+        raise MirrorFailure("file not found")
+    return path.open("rb"), path.stat().st_size
+
+
+class _Counted(io.RawIOBase):
+    """A stream's bytes as they are read, each read reported (the progress bar)."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buffer) or 0
+        self._progress(n)
+        return n
+
+
+def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
+    """The content of a gzip stream, chunk by chunk (every member: gunzip reads concatenated
+    ones too); a stream that is not gzip passes as is.
+
+    Errors on truncated or corrupt gzip data and on HTML error pages served in place of data.
+    """
+    stream = io.BufferedReader(_Counted(raw, progress), CHUNK)
+    head = stream.peek(CHUNK)  # a whole buffer, not two bytes: error pages may open with blanks
+    if not head:
+        raise MirrorFailure("served an empty file")
+    if head[:2] != GZIP_MAGIC:
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
+            raise MirrorFailure("served an HTML page, not the data")
+        yield from iter(lambda: stream.read(CHUNK), b"")
+        return
+    try:
+        with gzip.GzipFile(fileobj=stream, mode="rb") as content:
+            yield from iter(lambda: content.read(CHUNK), b"")
+    except EOFError:
+        raise MirrorFailure("truncated gzip file") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise MirrorFailure(f"corrupt gzip data ({err})") from None
+
+
+def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
+    """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
+    bar = None
+    try:
+        stream, length = _open_source(mirror, name + ".gz")
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False)
+        with stream, atomic_path(target) as tmp:
+            digest = hashlib.md5()
+            with tmp.open("wb") as out:
+                for chunk in _content(stream, bar.update if bar else lambda n: None):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != expected_md5:
+                raise MirrorFailure(
+                    f"content MD5 {digest.hexdigest()} is not the expected {expected_md5} "
+                    "(corrupt file or wrong data set)"
+                )
+            check_idx_file(tmp, name)
+    except BadIdx as err:
+        raise MirrorFailure(str(err)) from None
+    except (OSError, http.client.HTTPException) as err:
+        # HTTPException: IncompleteRead when a chunked reply is cut off
+        raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
+    finally:
+        if bar:
+            bar.close()
+
+
+def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
+    """MNIST_MIRROR alone when set (it takes precedence), else the params.yaml mirrors."""
+    if override := os.environ.get(MIRROR_ENV):
+        return (override,)
+    return data.dataset_mirrors
+
+
+def how_to_fix(data: DataConfig) -> str:
+    """What would work, never the setting that just failed: a mirror of one's own, from the
+    public mirrors in params.yaml (README: "A data mirror of your own")."""
+    files = " ".join(f"{name}.gz" for name in FILES)
+    source = data.dataset_mirrors[0] if data.dataset_mirrors else "a public mirror"
+    hint = (
+        f"To work offline, fetch {files} from {source} on a machine with internet into a "
+        f"folder and set {MIRROR_ENV} to that folder (or to any URL serving them)"
+    )
+    if os.environ.get(MIRROR_ENV) and data.dataset_mirrors:
+        hint += f"; or unset {MIRROR_ENV} to use the mirrors in params.yaml"
+    return hint
+
+
+def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -> Path:
+    """Make data/<dataset>/ hold the four verified IDX files; return that folder.
+
+    A download that fails removes the folders it made, if they are still empty."""
+    folder = data_dir(root, data.dataset)
+    made = [p for p in (folder, *folder.parents) if p.is_relative_to(root) and not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_into(folder, data, root, log)
+    except BaseException:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty: valid files fetched before the failure stay
+                break
+        raise
+    return folder
+
+
+def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[str], None]) -> None:
+    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    checksums = expected_checksums(data.dataset)
+    missing = [n for n in FILES if not _is_valid(folder / n, checksums[n])]
+    if not missing:
+        log(f"{shown_path(folder, root)}: all {len(FILES)} files present and valid; nothing to do")
+        return
+    mirrors = mirrors_to_try(data)
+    if not mirrors:
+        raise PipelineError(
+            f"no mirror configured for {data.dataset}: add URLs under data.mirrors.{data.dataset} "
+            f"in params.yaml or set {MIRROR_ENV} to a folder or URL holding the four .gz files"
+        )
+    show_bar = sys.stderr.isatty()
+    for name in missing:
+        tried = []
+        for mirror in mirrors:
+            try:
+                _fetch_one(mirror, name, checksums[name], folder / name, show_bar)
+            except MirrorFailure as failure:
+                tried.append(f"{mirror}: {failure}")
+                continue
+            log(f"{name}: downloaded from {mirror}, MD5 verified")
+            break
+        else:
+            raise PipelineError(
+                f"could not get a valid {name}.gz for {data.dataset}; tried "
+                + "; ".join(tried)
+                + f". {how_to_fix(data)}"
+            )
+    log(f"{shown_path(folder, root)}: {len(FILES)} files ready")
+
+
+def _is_valid(path: Path, md5: str) -> bool:
+    return path.is_file() and file_md5(path) == md5

@@ -1,0 +1,70 @@
+"""An HTML template for `dvc plots show` that renders without the internet.
+
+    python -m mnist_pipeline.plots_page .dvc/tmp/offline-plots.html   # `make setup` runs this
+
+DVC's own page loads vega, vega-lite and vega-embed from a CDN: offline it is blank. This template
+carries those three libraries inline, from the `vl-convert-python` package (the Vega project's
+converter, which ships them), and leaves out DVC's `{scripts}` placeholder, so the page references
+no remote script. DVC reads it through its `plots.html_template` setting (or `--html-template`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# DVC's chart specs declare Vega-Lite v5: bundle the newest v5 the package ships.
+VEGA_LITE_MAJOR = "5."
+
+PAGE = """<!DOCTYPE html>
+<html>
+<head>
+    <meta charset="utf-8">
+    {refresh_tag}
+    <title>mnist-pipeline: DVC plots</title>
+    <!-- vega LIBS_VERSION, bundled by vl-convert-python: no network needed -->
+    <script type="text/javascript">
+LIBS
+    </script>
+    <style>
+        /* one row per variant: its loss, its accuracy, its confusion matrix (dvc.yaml) */
+        body { font-family: sans-serif; display: grid; gap: 12px;
+               grid-template-columns: repeat(2, max-content); }
+    </style>
+</head>
+<body>
+    {plot_divs}
+</body>
+</html>
+"""
+
+
+def template() -> str:
+    """The page, with the libraries inline (a `</script` inside them would end the tag)."""
+    import vl_convert
+
+    vega_lite = max(
+        (v for v in vl_convert.get_vegalite_versions() if v.startswith(VEGA_LITE_MAJOR)),
+        key=lambda v: tuple(int(part) for part in v.split(".")),
+    )
+    libs = vl_convert.javascript_bundle(vl_version=vega_lite).replace("</script", "<\\/script")
+    versions = (
+        f"{vl_convert.get_vega_version()}, vega-lite {vega_lite}, "
+        f"vega-embed {vl_convert.get_vega_embed_version()}"
+    )
+    return PAGE.replace("LIBS_VERSION", versions).replace("LIBS", libs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mnist_pipeline.plots_page OUTPUT.html", file=sys.stderr)
+        return 2
+    target = Path(args[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(template(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
