@@ -283,71 +283,75 @@ def test_progress_bar_on_a_terminal(tiny_env, monkeypatch):
 BROKEN = "train-images-idx3-ubyte"
 
 
-def _broken(mirror: Mirror, kind: str) -> tuple[Reply | None, str]:
-    """A bad reply for BROKEN.gz and a phrase the error must contain."""
-    raw = (mirror.raw / BROKEN).read_bytes()
-    gz = (mirror.folder / f"{BROKEN}.gz").read_bytes()
-    if kind == "404":
-        return None, "HTTP 404"
-    if kind == "truncated .gz":
-        return Reply(gz[: len(gz) // 2]), "truncated"
-    if kind == "connection dropped":  # promises the whole file, sends half
-        return Reply(gz[: len(gz) // 2], length=len(gz)), "truncated"
-    if kind == "chunked, dropped":
-        return Reply(gz[: len(gz) // 2], length=len(gz), chunked=True), "read failed"
-    if kind == "corrupt .gz":
-        body = bytearray(gz)
-        body[len(body) // 2] ^= 0xFF
-        return Reply(bytes(body)), "corrupt gzip"
-    if kind == "500":
-        return Reply(b"Internal Server Error", status=500, content_type="text/plain"), "HTTP 500"
+def _flipped(data: bytes, index: int, mask: int) -> bytes:
+    body = bytearray(data)
+    body[index] ^= mask
+    return bytes(body)
+
+
+PAGE = "<!DOCTYPE html><html><body><h1>Service unavailable</h1></body></html>"
+# Each bad reply for BROKEN.gz, built from (raw bytes, gzip bytes, the other file's raw bytes),
+# and a phrase the error must contain. None: the file is absent (a 404).
+BAD_REPLIES = [
+    pytest.param(lambda raw, gz, other: None, "HTTP 404", id="404"),
+    pytest.param(
+        lambda raw, gz, other: Reply(
+            b"Internal Server Error", status=500, content_type="text/plain"
+        ),
+        "HTTP 500",
+        id="500",
+    ),
+    pytest.param(lambda raw, gz, other: Reply(gz[: len(gz) // 2]), "truncated", id="truncated .gz"),
+    pytest.param(  # promises the whole file, sends half
+        lambda raw, gz, other: Reply(gz[: len(gz) // 2], length=len(gz)),
+        "truncated",
+        id="connection dropped",
+    ),
+    pytest.param(
+        lambda raw, gz, other: Reply(gz[: len(gz) // 2], length=len(gz), chunked=True),
+        "read failed",
+        id="chunked, dropped",
+    ),
+    pytest.param(
+        lambda raw, gz, other: Reply(_flipped(gz, len(gz) // 2, 0xFF)),
+        "corrupt gzip",
+        id="corrupt .gz",
+    ),
     # valid gzip of other data: another file, or this one with one byte changed
-    if kind == "wrong content":
-        return Reply(gzip.compress((mirror.raw / FILES[2]).read_bytes())), "MD5"
-    if kind == "one byte off":
-        body = bytearray(raw)
-        body[-1] ^= 1
-        return Reply(gzip.compress(bytes(body))), "MD5"
-    if kind == "empty":
-        return Reply(b""), "empty"
-    page = "<!DOCTYPE html><html><body><h1>Service unavailable</h1></body></html>"
-    if kind == "HTML page":  # with status 200, as captive portals and some CDNs do
-        return Reply(page.encode(), status=200, content_type="text/html"), "HTML"
-    if kind == "HTML page after blank lines":
-        return Reply(f"\r\n\r\n  {page}".encode(), status=200, content_type="text/html"), "HTML"
-    raise AssertionError(kind)
-
-
-def serving_broken(mirror: Mirror, kind: str) -> tuple[dict[str, bytes | Reply], str]:
-    """The tiny mirror's files with BROKEN.gz replaced (or absent: 404), and the phrase."""
-    files: dict[str, bytes | Reply] = dict(gz_files(mirror))
-    reply, reason = _broken(mirror, kind)
-    del files[f"{BROKEN}.gz"]
-    if reply is not None:
-        files[f"{BROKEN}.gz"] = reply
-    return files, reason
-
-
-BAD_KINDS = [
-    "404",
-    "500",
-    "truncated .gz",
-    "connection dropped",
-    "chunked, dropped",
-    "corrupt .gz",
-    "wrong content",
-    "one byte off",
-    "empty",
-    "HTML page",
-    "HTML page after blank lines",
+    pytest.param(lambda raw, gz, other: Reply(gzip.compress(other)), "MD5", id="wrong content"),
+    pytest.param(
+        lambda raw, gz, other: Reply(gzip.compress(_flipped(raw, -1, 1))), "MD5", id="one byte off"
+    ),
+    pytest.param(lambda raw, gz, other: Reply(b""), "empty", id="empty"),
+    pytest.param(  # with status 200, as captive portals and some CDNs do
+        lambda raw, gz, other: Reply(PAGE.encode(), status=200, content_type="text/html"),
+        "HTML",
+        id="HTML page",
+    ),
+    pytest.param(
+        lambda raw, gz, other: Reply(f"\r\n\r\n  {PAGE}".encode(), content_type="text/html"),
+        "HTML",
+        id="HTML page after blank lines",
+    ),
 ]
+BY_ID = {case.id: case.values[0] for case in BAD_REPLIES}
 
 
-@pytest.mark.parametrize("kind", BAD_KINDS)
+def serving_broken(mirror: Mirror, reply) -> dict[str, bytes | Reply]:
+    """The tiny mirror's files with BROKEN.gz replaced by `reply(raw, gz, other)` (or absent)."""
+    files: dict[str, bytes | Reply] = dict(gz_files(mirror))
+    gz = files.pop(f"{BROKEN}.gz")
+    built = reply((mirror.raw / BROKEN).read_bytes(), gz, (mirror.raw / FILES[2]).read_bytes())
+    if built is not None:
+        files[f"{BROKEN}.gz"] = built
+    return files
+
+
+@pytest.mark.parametrize(("reply", "reason"), BAD_REPLIES)
 def test_a_bad_mirror_is_rejected_with_a_reason(
-    tiny_env, tiny_mirror, http_mirror, monkeypatch, kind
+    tiny_env, tiny_mirror, http_mirror, monkeypatch, reply, reason
 ):
-    files, reason = serving_broken(tiny_mirror, kind)
+    files = serving_broken(tiny_mirror, reply)
     url = http_mirror.serve("bad", files)
     monkeypatch.setenv("MNIST_MIRROR", url)
 
@@ -421,7 +425,7 @@ def test_failed_redownload_leaves_existing_data_untouched(
     folder = tiny_data / "data" / "mnist"
     (folder / BROKEN).write_bytes((folder / BROKEN).read_bytes()[:1000])  # so it is re-fetched
     before = snapshot(folder)
-    files, _ = serving_broken(tiny_mirror, kind)
+    files = serving_broken(tiny_mirror, BY_ID[kind])
     monkeypatch.setenv("MNIST_MIRROR", http_mirror.serve("bad", files))
 
     assert main(["download"]) == 1

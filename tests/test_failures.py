@@ -15,6 +15,7 @@ import errno
 import gzip
 import os
 import pickle
+import selectors
 import shutil
 import signal
 import socket
@@ -396,15 +397,20 @@ def test_infinite_loss_in_a_later_epoch_names_that_epoch(project, capsys, monkey
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> list[str]:
-    """Lines of proc's stdout up to the first that contains `text`."""
+    """Lines of proc's stdout up to the first that contains `text`; fails at the deadline even
+    when the process prints nothing."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
-    for line in proc.stdout:
-        seen.append(line)
-        if text in line:
-            return seen
-        assert time.monotonic() < deadline, seen
-    pytest.fail(f"{text!r} never printed; stdout: {seen}")
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0 and selector.select(timeout=left):
+            line = proc.stdout.readline()
+            if not line:
+                break  # the process closed its output
+            seen.append(line)
+            if text in line:
+                return seen
+    pytest.fail(f"{text!r} not printed within {timeout_s} s; stdout: {seen}")
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def test_training_lowers_the_loss(variant):
     optimizer = cls(model.parameters(), lr=lr)
     before, _ = evaluate_split(model, data)
     for _ in range(3):
-        train_epoch(model, optimizer, data, 32, torch.Generator().manual_seed(0))
+        train_epoch(model, optimizer, data, 32, generator=torch.Generator().manual_seed(0))
     after, _ = evaluate_split(model, data)
     assert after < before
 
@@ -73,7 +73,7 @@ def test_train_epoch_visits_every_sample_once_without_shuffle():
     model = build_model("logistic_regression")
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
-    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), data, 32, None)
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), data, 32, generator=None)
     assert seen == [32, 32, 32, 4]
 
 

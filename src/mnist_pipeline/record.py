@@ -374,8 +374,14 @@ def record_evaluation(store: Store, run, training: Training) -> str:
         client.log_artifacts(run.info.run_id, str(folder), artifact_path="evaluation")
     line = "evaluation recorded"
     if model_id is not None:
+        accuracy = figures["test/accuracy"]
         line += "; " + registry.register(
-            client, run, model_id, store.dataset, training.variant, figures["test/accuracy"]
+            client,
+            run,
+            model_id,
+            dataset=store.dataset,
+            variant=training.variant,
+            accuracy=accuracy,
         )
     client.set_tag(run.info.run_id, EVALUATION_TAG, evaluation_digest(outputs))
     return line

@@ -16,7 +16,7 @@ def model_name(dataset: str, variant: str) -> str:
     return f"{dataset}-{variant}"
 
 
-def register(client, run, model_id: str, dataset: str, variant: str, accuracy: float) -> str:
+def register(client, run, model_id: str, *, dataset: str, variant: str, accuracy: float) -> str:
     """Register the logged model `model_id` (once: recording the same run again reuses its
     version), describe and tag the version, and make it the champion if it beats the current one.
     A version made under `dvc exp run` never becomes the first champion: the baseline's (the

@@ -79,6 +79,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     data: Split,
     batch_size: int,
+    *,
     generator: torch.Generator | None,
     progress=None,
 ) -> tuple[float, float]:
@@ -248,7 +249,7 @@ def train(
         )
         check_signals()  # the last point at which nothing has been saved
         model.load_state_dict(fitted.kept_state)
-        write_outputs(outputs, model, variant, params, fitted, data)
+        write_outputs(outputs, model, variant=variant, params=params, fitted=fitted, data=data)
         _check_logged(log_epoch, variant, outputs, root, store.uri)
         record.log_timings(fitted.history)
         model_id = record.record_training(run.info.run_id, training, live=log_epoch)
@@ -311,7 +312,9 @@ def fit(
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         with _progress(len(train_data.y), f"{label} {epoch}/{recipe.epochs}") as bar:
-            loss, acc = train_epoch(model, optimizer, train_data, recipe.batch_size, generator, bar)
+            loss, acc = train_epoch(
+                model, optimizer, train_data, recipe.batch_size, generator=generator, progress=bar
+            )
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):
             raise Diverged(
@@ -371,7 +374,9 @@ def _progress(total: int, desc: str) -> Iterator[Any]:
         yield bar
 
 
-def write_outputs(outputs: paths.Outputs, model, variant: str, params: Params, fitted: Fit, data):
+def write_outputs(
+    outputs: paths.Outputs, model, *, variant: str, params: Params, fitted: Fit, data: Dataset
+) -> None:
     """Checkpoint, per-epoch history (a DVC plot) and the training summary (DVC metrics) of the
     kept epoch. Only what the recipe and seed determine: the same run twice, the same bytes."""
     num_params = count_parameters(model)
