@@ -8,7 +8,7 @@ accounts made by its `curl` commands.
 docs/team.md is read, not copied: its install lines, the PostgreSQL commands, the certificate
 commands, the accounts file (its ```ini block), the server's environment and command line, the
 accounts and grants, the clients' settings and the DVC remote commands are taken from its blocks,
-the documentation's placeholders (host names, ports, paths, passwords, `...` for a secret)
+the documentation's placeholders (host names, ports, paths, `CHANGE_ME...` for a password or key)
 replaced by the test's values. A change to a command in the documentation changes what these
 tests run.
 """
@@ -41,15 +41,16 @@ from tests.test_server import STARTUP_TIMEOUT_S, free_port
 DOCS = REPO / "docs" / "team.md"
 BIN = Path(sys.executable).parent  # mlflow, dvc, moto_server: this environment's
 BUCKET = "ml-team"  # the bucket docs/team.md names; each moto server starts empty
-# moto accepts any key; the value stands for the real secret that `...` stands for in the docs.
-S3_KEY = "team-test-key"
+# moto accepts any key. The access key's ID is no secret: presigned download URLs (which the
+# server hands clients) carry it, and the storage logs them. Its secret is one.
+S3_KEY_ID, S3_SECRET = "team-test-key-id", "team-test-s3-secret"
 DB_PASSWORD = "team-test-password"
 # The accounts of docs/team.md (user names are not secrets; passwords are 12+ characters).
 ADMIN_PASSWORD = "team-test-admin-pw"
 TRAINER, TRAINER_PASSWORD = "alice", "team-test-alice-pw"
 VIEWER, VIEWER_PASSWORD = "bob", "team-test-bob-pw"
 SECRET_KEY = "team-test-flask-secret-key"  # MLFLOW_FLASK_SERVER_SECRET_KEY
-SECRETS = (S3_KEY, DB_PASSWORD, ADMIN_PASSWORD, TRAINER_PASSWORD, VIEWER_PASSWORD, SECRET_KEY)
+SECRETS = (S3_SECRET, DB_PASSWORD, ADMIN_PASSWORD, TRAINER_PASSWORD, VIEWER_PASSWORD, SECRET_KEY)
 
 
 def missing(reason: str) -> NoReturn:
@@ -314,8 +315,8 @@ class S3:
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
-            aws_access_key_id=S3_KEY,
-            aws_secret_access_key=S3_KEY,
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
             region_name="us-east-1",
         )
 
@@ -366,13 +367,14 @@ def doc_values(port: int, postgres: Postgres, s3: S3, etc: Path | None = None) -
         "5000": str(port),
         "/etc/mlflow/": f"{etc}/",
         "$HOME/.mlflow/team-ca.pem": f"{etc}/team-ca.pem",
-        "CHANGE_ME_SECRET_KEY": SECRET_KEY,
+        "CHANGE_ME_FLASK_KEY": SECRET_KEY,
         "CHANGE_ME_ADMIN": ADMIN_PASSWORD,
         "CHANGE_ME_ALICE": TRAINER_PASSWORD,
         "CHANGE_ME_BOB": VIEWER_PASSWORD,
+        "CHANGE_ME_KEY_ID": S3_KEY_ID,
+        "CHANGE_ME_S3_SECRET": S3_SECRET,
         "CHANGE_ME": DB_PASSWORD,
         "https://minio.internal:9000": s3.endpoint,
-        "...": S3_KEY,
     }
 
 
@@ -385,6 +387,9 @@ def create_database(postgres: Postgres) -> None:
 def server_files(etc: Path, postgres: Postgres) -> Path:
     """docs/team.md's /etc/mlflow: the team CA, the server's key and certificate (its `openssl`
     commands, run there) and the accounts file (its ```ini block)."""
+    for tool in ("openssl", "curl"):
+        if shutil.which(tool) is None:
+            missing(f"`{tool}` is not installed; `apt-get install {tool}` (Debian, Ubuntu)")
     etc.mkdir(parents=True)
     values = doc_values(0, postgres, S3(""), etc)
     for words in doc_commands("openssl", "1."):

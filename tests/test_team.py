@@ -56,7 +56,7 @@ from tests.team_servers import (
     BIN,
     BUCKET,
     S3,
-    S3_KEY,
+    S3_SECRET,
     SECRETS,
     TRAINER,
     TRAINER_PASSWORD,
@@ -377,8 +377,8 @@ def test_dvc_push_then_pull_in_a_fresh_clone_evaluates_into_the_same_run(
     # The credentials stayed out of git; the remote's address did not.
     tracked = sh(["git", "ls-files", ".dvc"], repo, env).split()
     assert ".dvc/config" in tracked and ".dvc/config.local" not in tracked
-    assert S3_KEY in (repo / ".dvc" / "config.local").read_text()
-    assert S3_KEY not in (repo / ".dvc" / "config").read_text()
+    assert S3_SECRET in (repo / ".dvc" / "config.local").read_text()
+    assert S3_SECRET not in (repo / ".dvc" / "config").read_text()
     assert team.s3.endpoint in (repo / ".dvc" / "config").read_text()
     assert team.s3.keys("mnist-dvc/")  # the push reached the bucket
 
