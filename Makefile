@@ -31,15 +31,19 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv with the project and its dev tools
 
 # tests/test_team.py starts a PostgreSQL server of its own (initdb in a temporary folder): it needs
-# Debian's server programs (/usr/lib/postgresql/<version>/bin). Installed as root or with
-# password-less sudo; otherwise those tests are skipped (and fail under CI=true).
-postgres: ## install Debian's PostgreSQL server programs if they are missing
-	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+# Debian's server programs (/usr/lib/postgresql/<version>/bin); it makes the team server's
+# certificate with `openssl` and its accounts with `curl`, as docs/team.md does. Installed as root
+# or with password-less sudo; otherwise those tests are skipped (and fail under CI=true).
+postgres: ## install Debian's PostgreSQL server programs, openssl and curl if they are missing
+	@missing=""; \
+	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then missing="postgresql"; fi; \
+	for tool in openssl curl; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
-	  echo "installing Debian's postgresql (for tests/test_team.py)"; \
+	  echo "installing Debian's$$missing (for tests/test_team.py)"; \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null \
-	  || echo "could not install postgresql: tests/test_team.py will be skipped"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	  || echo "could not install$$missing: tests/test_team.py will be skipped"; \
 	fi
 
 # tests/test_plots.py opens DVC's plot page in Debian's headless chromium, in a network namespace

@@ -61,7 +61,7 @@ def compare(
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, writing=False)  # compare only reads
     _check_store_exists(uri)
     name = experiment or tracking.experiment_name(params.data.dataset)
     runs = training_runs(uri, name)

@@ -4,12 +4,12 @@ boundaries; `mlflow` itself is called directly by the stages."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
+import re
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,9 +38,11 @@ def experiment_name(dataset: str) -> str:
     return os.environ.get(EXPERIMENT_ENV) or f"mnist-pipeline-{dataset}"
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str, timeout_s: float = 5.0, *, writing: bool = True) -> None:
     """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
-    not answer, or a local SQLite store that cannot be opened (it is created here if need be)."""
+    not answer, whose TLS certificate this host does not trust, that refuses the credentials
+    (401) or the account (403: reading; with `writing`, writing runs); or a local SQLite store
+    that cannot be opened (it is created here if need be)."""
     if uri.startswith("sqlite:"):
         _open_sqlite_store(uri)
         return
@@ -51,16 +53,105 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow.utils.credentials import get_default_host_creds
+
+    # What every MLflow call of this process will send: the user and password from
+    # MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials, the CA of
+    # MLFLOW_TRACKING_SERVER_CERT_PATH.
+    creds = get_default_host_creds(uri)
+    ask = functools.partial(_ask, uri, creds, timeout_s)
+    ask("/health")  # unprotected: says whether a server is there and its certificate is trusted
+    user = f"user '{creds.username}'" if creds.username else "a client without credentials"
+    status, _ = ask("/api/2.0/mlflow/experiments/search", params={"max_results": 1})
+    if status == 401:
+        who = f"the password of {user}" if creds.username else user
+        raise PipelineError(
+            f"the MLflow tracking server at {uri} refused {who} (HTTP 401 Unauthorized); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) "
+            "to your account on that server"
+        )
+    if status == 403:
+        raise PipelineError(
+            f"the MLflow tracking server at {uri} refused {user} reading runs (HTTP 403 "
+            "Forbidden); ask the server's owner for READ permission, or set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to another account"
+        )
+    if writing and status == 200:
+        _check_writable(uri, ask, user)
+
+
+def _ask(uri: str, creds, timeout_s: float, endpoint: str, method: str = "GET", **kwargs):
+    """(HTTP status, JSON body or None) of one request, as MLflow's client makes it, no retries.
+    A server that cannot be reached, or whose certificate is not trusted, is a PipelineError."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import http_request
+
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # it answered: a server is there (auth or routing is MLflow's business)
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
+        reply = http_request(
+            creds,
+            endpoint,
+            method,
+            max_retries=0,
+            timeout=timeout_s,
+            raise_on_status=False,
+            **kwargs,
+        )
+    except MlflowException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, requests.exceptions.SSLError):
+            found = re.search(r"certificate verify failed: .*?(?=\.? \(_ssl)", str(cause))
+            reason = found.group(0).replace("\\'", "'") if found else "the TLS handshake failed"
+            fix = (
+                "point MLFLOW_TRACKING_URI at the host name its certificate was made for"
+                if "mismatch" in reason
+                else "set MLFLOW_TRACKING_SERVER_CERT_PATH to the team's CA certificate"
+            )
+            raise PipelineError(
+                f"cannot verify the TLS certificate of the MLflow tracking server at {uri} "
+                f"({reason}); {fix} (docs/team.md)"
+            ) from None
+        # requests wraps urllib3's reason ("[Errno 111] Connection refused") in two layers.
+        found = re.search(r"\[Errno[^\]]*\][^'\")(]*|timed out", str(cause or err))
+        reason = found.group(0).strip() if found else first_line(cause or err)
         raise PipelineError(
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
             "MLFLOW_TRACKING_URI at a running one (unset it to use the local store)"
         ) from None
+    try:
+        body = reply.json()
+    except ValueError:
+        body = None
+    return reply.status_code, body
+
+
+def _check_writable(uri: str, ask, user: str) -> None:
+    """Whether the account may write runs into the experiment they go to (MLFLOW_EXPERIMENT_ID
+    or _NAME; else the server's `Default`, which stands for all of them where trainers hold EDIT
+    on every experiment, as docs/team.md sets up). The probe is a write that changes nothing:
+    deleting an experiment tag that does not exist. The server checks the permission first (403),
+    then answers 404."""
+    experiment_id, where = "0", "experiment 'Default'"
+    if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        experiment_id, where = found, f"experiment {found}"
+    elif name := os.environ.get(EXPERIMENT_ENV):
+        status, body = ask(
+            "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}
+        )
+        if status == 200 and body:
+            experiment_id, where = body["experiment"]["experiment_id"], f"experiment '{name}'"
+    status, _ = ask(
+        "/api/2.0/mlflow/experiments/delete-experiment-tag",
+        "POST",
+        json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
+    )
+    if status == 403:
+        raise PipelineError(
+            f"the MLflow tracking server at {uri} refused {user} writing runs to {where} (HTTP "
+            "403 Forbidden: a read-only account); ask the server's owner to make it a trainer "
+            "(docs/team.md), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a "
+            "trainer's account"
+        )
 
 
 def _open_sqlite_store(uri: str) -> None:

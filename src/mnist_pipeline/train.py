@@ -278,8 +278,9 @@ def _check_logged(log_epoch, variant: str, outputs: paths.Outputs, root: Path, u
     )
     raise PipelineError(
         f"{variant}: the tracking store at {uri} failed during training ({log_epoch.error}); "
-        f"training finished and its results are saved ({saved}). When the store answers again, "
-        f"`{again}` records them (or re-run the training)"
+        f"training finished and its results are saved ({saved}). When the store takes them "
+        f"again (it answers, or accepts this account), `{again}` records them (or re-run the "
+        "training)"
     )
 
 
