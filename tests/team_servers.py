@@ -36,7 +36,7 @@ from typing import NoReturn
 import pytest
 
 from tests.conftest import REPO
-from tests.test_server import STARTUP_TIMEOUT_S, free_port
+from tests.helpers import STARTUP_TIMEOUT_S, free_port
 
 DOCS = REPO / "docs" / "team.md"
 BIN = Path(sys.executable).parent  # mlflow, dvc, moto_server: this environment's

@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,32 +32,16 @@ import yaml
 
 from mnist_pipeline import checkpoint, fileio, paths, record
 from mnist_pipeline import train as train_module
-from mnist_pipeline.cli import main
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import FILES, file_md5
 from mnist_pipeline.models import VARIANTS, Architecture, build_model
 from tests.conftest import tiny_params
+from tests.helpers import cli, one_line, serving, stop_system_metrics
 
 VARIANT = "ffn1_relu"
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def one_line(err: str) -> str:
-    """The single line the user sees; fails on a traceback or on more than one line."""
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mnist-pipeline "), err
-    return lines[0]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    """Run the CLI in-process; return the exit code and its stderr."""
-    capsys.readouterr()
-    code = main(list(argv))
-    return code, capsys.readouterr().err
 
 
 def files_under(root: Path, *folders: str) -> dict[str, bytes]:
@@ -591,25 +574,9 @@ def mlflow_server(
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job workers: one process less
-    log = db.parent / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=out, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.2)
+    with serving(command, url=f"{url}/health", log=db.parent / "server.log", env=env) as proc:
         yield url, db, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_server):
@@ -631,7 +598,7 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
     monkeypatch.setattr(record.EpochLogger, "__call__", log_then_die)
     set_recipe(project, epochs=3)
     code, err = cli(capsys, "train", "--variant", VARIANT)
-    _stop_system_metrics()
+    stop_system_metrics()
 
     assert code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
@@ -648,16 +615,6 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
     steps = [m.step for m in client.get_metric_history(lost_run_id, "train/loss")]
     assert steps == [1]  # what reached the server before it died
     _check_relogged(project, f"sqlite:///{db}", lost_run_id, capsys)
-
-
-def _stop_system_metrics() -> None:
-    """A run whose end could not be recorded leaves MLflow's system-metrics thread running; the
-    CLI's process exits, this test process does not."""
-    from mlflow.tracking import fluent
-
-    for monitor in list(getattr(fluent, "run_id_to_system_metrics_monitor", {}).values()):
-        monitor.finish()
-    getattr(fluent, "run_id_to_system_metrics_monitor", {}).clear()
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -7,9 +7,7 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,18 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_params
-
-DVC = str(Path(sys.executable).with_name("dvc"))
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+from tests.helpers import DVC, GIT_IDENTITY, project_repo, ran_stages, sh, up_to_date
 
 
 def per_variant(*variants: str) -> list[str]:
@@ -56,28 +43,15 @@ def pipeline_params() -> dict:
 def pipeline(tmp_path_factory, tiny_mirror):
     """A git + DVC repository with the project copied in, after one full `dvc repro`."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(
-        REPO / "src", repo / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
-    )
-    (repo / "params.yaml").write_text(yaml.safe_dump(pipeline_params(), sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_", "DVC_"))}
-    env |= {
+    env |= GIT_IDENTITY | {
         "MNIST_MIRROR": str(tiny_mirror.folder),
         "MNIST_CHECKSUMS_FILE": str(tiny_mirror.checksums),
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
         "MNIST_PIPELINE_HOST": "pipeline-test",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@localhost",
     }
-    sh(["git", "init", "-q"], repo, env)
-    sh([DVC, "init", "-q"], repo, env)
-    sh([DVC, "config", "core.analytics", "false"], repo, env)
-    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the charts' templates
+    project_repo(repo, pipeline_params(), env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "project"], repo, env)
     first = sh([DVC, "repro"], repo, env)
@@ -184,7 +158,7 @@ def test_an_identical_retrain_reruns_nothing_downstream(pipeline):
     assert not [stage for stage in ran_stages(forced) if stage.startswith(("evaluate", "report"))]
     assert checkpoint.read_bytes() == before
     status = sh([DVC, "status"], repo, env)
-    assert "changed" not in status.replace("always changed", ""), status  # bar sync's own line
+    assert up_to_date(status), status
     assert ran_stages(sh([DVC, "repro"], repo, env)) == ["sync"]
 
 
@@ -235,20 +209,23 @@ def test_a_new_store_is_made_to_agree_with_the_outputs(pipeline):
     assert store_counts(store) == before
 
 
+def runs_where(repo: Path, where: str) -> list:
+    """The runs in the repository's own store that `where` (an MLflow filter) picks."""
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=where, output_format="list"
+    )
+
+
 def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
     repo, env, _ = pipeline
     cli = str(Path(sys.executable).with_name("mnist-pipeline"))
     out = sh([cli, "train", "--variant", "ffn1_tanh", "--epochs", "2"], repo, env)
     assert "one-off" in out
     assert (repo / "one-off" / "ffn1_tanh" / "model.pt").is_file()
-    assert "modified" not in sh([DVC, "status"], repo, env)
+    assert up_to_date(sh([DVC, "status"], repo, env))
     assert "one-off" not in sh(["git", "status", "--porcelain"], repo, env)  # git-ignored
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    (run,) = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string="tags.`run.kind` = 'one-off'",
-        output_format="list",
-    )
+    (run,) = runs_where(repo, "tags.`run.kind` = 'one-off'")
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"
 
 
@@ -272,19 +249,14 @@ def test_going_back_to_an_earlier_recipe_restores_it_from_the_run_cache(pipeline
     restored = [line.split("'")[1] for line in back.splitlines() if "is cached - skipping" in line]
     assert sorted(restored) == sorted(per_variant("logistic_regression"))
     assert ran_stages(back) == ["report", "sync"]
-    assert "modified" not in sh([DVC, "status"], repo, env)
+    assert up_to_date(sh([DVC, "status"], repo, env))
 
 
 def test_a_dvc_experiment_names_its_runs_and_compare_shows_it_beside_its_baseline(pipeline):
     repo, env, _ = pipeline
     baseline = sh(["git", "rev-parse", "HEAD"], repo, env).strip()
     sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", "variants.ffn1_tanh.lr=0.3"], repo, env)
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    (run,) = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string="tags.`dvc.exp.name` = 'tanh-fast'",
-        output_format="list",
-    )
+    (run,) = runs_where(repo, "tags.`dvc.exp.name` = 'tanh-fast'")
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["lr"] == "0.3"
     assert run.data.tags["dvc.exp.baseline"] == baseline
     assert "dvc exp apply tanh-fast" in run.data.tags["mlflow.note.content"]

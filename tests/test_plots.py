@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,9 @@ import yaml
 
 from mnist_pipeline.plots_page import main as write_plots_page
 from tests.conftest import REPO, tiny_params
+from tests.helpers import DVC, sh
 
-DVC = str(Path(sys.executable).with_name("dvc"))
 SHOWN = ["logistic_regression", "mlp512_relu"]  # two variants are enough for the page
-
-
-def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
@@ -70,13 +62,13 @@ def pages(repo: Path) -> dict[str, str]:
             assert write_plots_page([str(repo / ".dvc" / "tmp" / "offline-plots.html")]) == 0
             sh([DVC, "config", "--local", "plots.html_template", "tmp/offline-plots.html"], repo)
         shown = sh([DVC, "plots", "show", "-o", name], repo)
-        assert "failed to load" not in shown.stdout + shown.stderr
+        assert "failed to load" not in shown
         found[name] = str(repo / name / "index.html")
     return found
 
 
 def test_each_chart_names_its_variant_and_gives_each_metric_its_axis(repo: Path):
-    shown = json.loads(sh([DVC, "plots", "show", "--json"], repo).stdout)["data"]
+    shown = json.loads(sh([DVC, "plots", "show", "--json"], repo, stderr=False))["data"]
     charts = {path: entries[0]["content"] for path, entries in shown.items()}
     assert sorted(charts) == sorted(
         f"plots/{kind}/{v}.csv" for v in SHOWN for kind in ("train", "predictions")

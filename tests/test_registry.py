@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from mnist_pipeline.cli import main
 from mnist_pipeline.dataset import read_idx
 from mnist_pipeline.models import VARIANTS
 from tests.conftest import Mirror, tiny_params
-from tests.test_server import free_port
+from tests.helpers import free_port, serving
 
 STARTUP_TIMEOUT_S = 180  # `mlflow models serve` imports MLflow, torch and a web server
 
@@ -114,23 +113,9 @@ def test_mlflow_models_serve_returns_probabilities(registry, tiny_mirror: Mirror
         *("-m", "models:/mnist-mlp512_relu@champion", "--env-manager", "local"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
+    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-
+    with serving(command, url=f"{url}/ping", log=log, timeout_s=STARTUP_TIMEOUT_S, env=env):
         images = read_idx(tiny_mirror.raw / "t10k-images-idx3-ubyte")[:4]
         labels = read_idx(tiny_mirror.raw / "t10k-labels-idx1-ubyte")[:4]
         batch = (images.numpy().astype(np.float32) / 255)[:, None]  # (4, 1, 28, 28) in [0, 1]
@@ -141,9 +126,6 @@ def test_mlflow_models_serve_returns_probabilities(registry, tiny_mirror: Mirror
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             probabilities = np.asarray(json.load(response)["predictions"])
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
     assert probabilities.shape == (4, 10)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     # the tiny set's classes are bright patches: easy, and learnt in one epoch

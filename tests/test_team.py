@@ -49,7 +49,18 @@ from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import file_md5
-from tests.conftest import REPO, Mirror, tiny_params
+from tests.conftest import Mirror, tiny_params
+from tests.helpers import (
+    DVC,
+    GIT_IDENTITY,
+    cli,
+    one_line,
+    project_repo,
+    ran_stages,
+    sh,
+    stop_system_metrics,
+    up_to_date,
+)
 from tests.team_servers import (
     ADMIN_PASSWORD,
     BIN,
@@ -79,8 +90,6 @@ from tests.team_servers import (
     s3_server,
     server_files,
 )
-from tests.test_failures import _stop_system_metrics, cli, one_line
-from tests.test_pipeline import DVC, ran_stages, sh
 
 VARIANTS = ("logistic_regression", "ffn1_relu")  # a linear model and a hidden layer: enough here
 HOSTS = ("laptop", "gpu-box")
@@ -147,10 +156,7 @@ def client_env(
         "MNIST_MIRROR": str(mirror.folder),
         "MNIST_CHECKSUMS_FILE": str(mirror.checksums),
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@localhost",
+        **GIT_IDENTITY,
     }
 
 
@@ -345,17 +351,9 @@ def shared(team, tiny_mirror, tmp_path_factory) -> Shared:
     """A git + DVC repository with the project, its remote on the team's S3 set up as
     docs/team.md says, after `dvc repro` and `dvc push`, everything committed."""
     repo = tmp_path_factory.mktemp("trainer")
-    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(
-        REPO / "src", repo / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
-    )
-    (repo / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
     env = client_env(team, "trainer", "team-dvc", tiny_mirror)
     values = doc_values(0, team.postgres, team.s3)
-    sh(["git", "init", "-q"], repo, env)
-    sh([DVC, "init", "-q"], repo, env)
-    sh([DVC, "config", "core.analytics", "false"], repo, env)
+    project_repo(repo, project_params(), env)
     dvc_remote_setup(repo, env, values)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "project, with the team's DVC remote"], repo, env)
@@ -386,7 +384,7 @@ def test_dvc_push_then_pull_in_a_fresh_clone_finds_the_same_complete_run(
     colleague = env | {"MNIST_PIPELINE_HOST": "colleague"}
     dvc_remote_setup(clone, colleague, doc_values(0, team.postgres, team.s3), local_only=True)
     sh([DVC, "pull"], clone, colleague)
-    assert "Data and pipelines are up to date." in sh([DVC, "status"], clone, colleague)
+    assert up_to_date(sh([DVC, "status"], clone, colleague))
     for variant in VARIANTS:
         checkpoint = paths.checkpoint_path(clone, variant)
         assert checkpoint.read_bytes() == paths.checkpoint_path(repo, variant).read_bytes()
@@ -604,7 +602,8 @@ def test_an_account_refused_mid_run_keeps_the_results(
 
     monkeypatch.setattr(record.EpochLogger, "__call__", log_then_revoke)
     code, err = cli(capsys, "train", "--variant", variant)
-    _stop_system_metrics()
+    stop_system_metrics()
+    monkeypatch.setattr(record.EpochLogger, "__call__", real_call)  # the revoke was once
 
     assert code == 1 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
