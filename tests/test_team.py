@@ -402,7 +402,9 @@ def test_dvc_push_then_pull_in_a_fresh_clone_finds_the_same_complete_run(
     history = mlflow.MlflowClient(team.server.url).get_metric_history(
         trained.info.run_id, "test/accuracy"
     )
-    assert len(history) == 1  # the trainer's: the colleague's same outputs add nothing
+    # the trainer's evaluation (step 1; the exported forms' are at step 0): the colleague's same
+    # outputs add nothing
+    assert [m.step for m in history if m.step == record.EVALUATION_STEP] == [1]
     assert_complete(team, trained, "ffn1_relu")
 
 
