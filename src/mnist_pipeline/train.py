@@ -197,8 +197,7 @@ def train(
     then record the run from them (`record`), with what only this run knows: its timings.
 
     `outputs` defaults to the pipeline's (DVC's) files; a one-off run (a recipe other than
-    params.yaml's) writes under one-off/<variant>/ instead and is tagged `run.kind=one-off`.
-    """
+    params.yaml's) writes under one-off/<variant>/ instead and is tagged `run.kind=one-off`."""
     from mnist_pipeline import record
 
     outputs = outputs or paths.pipeline_outputs(root, variant)
@@ -208,22 +207,14 @@ def train(
     data = load_dataset(root, params.data.dataset)
     train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
 
-    set_cpu_threads(device, recipe.batch_size)
-    torch.manual_seed(settings.seed)
-    model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
-    optimizer = make_optimizer(recipe, model)
-    generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
+    model, optimizer, generator = _start(variant, recipe, settings.seed, device)
     training = record.Training(variant, outputs, params.data)
     recipe_values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
     inputs = tracking.datasets(
         params.data, data.checksum, val_size=settings.val_size, seed=settings.seed
     )
-    live = {
-        "device_resolved": device.type,
-        "dataset": data.name,
-        "train_size": len(train_data.y),
-        "num_params": count_parameters(model),
-    }
+    live = {"device_resolved": device.type, "dataset": data.name, "train_size": len(train_data.y)}
+    live["num_params"] = count_parameters(model)
     log_epoch = record.EpochLogger()
     # Ctrl-C and SIGTERM end the run KILLED, between two training steps, and nothing is saved;
     # once saving has begun, a signal waits for the run to be complete.
@@ -255,6 +246,22 @@ def train(
         model_id = record.record_training(run.info.run_id, training, live=log_epoch)
         if _Signals.received is not None:
             print(f"{variant}: a signal came while saving; the run is done", file=sys.stderr)
+    _say_where(run, variant, outputs, root)
+    return TrainResult(
+        run.info.run_id, model_id, fitted.history, outputs.checkpoint, live["num_params"]
+    )
+
+
+def _start(variant: str, recipe: Recipe, seed: int, device: torch.device):
+    """The model (seeded), its optimizer, and the shuffling generator (None: no shuffling)."""
+    set_cpu_threads(device, recipe.batch_size)
+    torch.manual_seed(seed)
+    model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
+    generator = torch.Generator().manual_seed(seed) if recipe.shuffle else None
+    return model, make_optimizer(recipe, model), generator
+
+
+def _say_where(run, variant: str, outputs: paths.Outputs, root: Path) -> None:
     where = outputs.checkpoint.relative_to(root)
     print(f"{variant}: MLflow run {run.info.run_id} ({run.info.run_name}), checkpoint {where}")
     if outputs.one_off:
@@ -262,8 +269,6 @@ def train(
             f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
             f"`mnist-pipeline evaluate --variant {variant} --one-off`"
         )
-    num_params = count_parameters(model)
-    return TrainResult(run.info.run_id, model_id, fitted.history, outputs.checkpoint, num_params)
 
 
 def _check_logged(log_epoch, variant: str, outputs: paths.Outputs, root: Path, uri: str) -> None:
