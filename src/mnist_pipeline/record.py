@@ -689,6 +689,21 @@ def end_trial_run(
     return latest.data.tags.get(OUTCOME_TAG, how[0])
 
 
+def end_running_trials(tracking_uri: str, parent_run_id: str, how: tuple[str, str]) -> None:
+    """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        client.set_terminated(run.info.run_id, how[1])
+
+
 def log_trial_model(tracking_uri: str, run_id: str, model, variant: str, recipe: dict) -> str:
     """The best trial's kept weights as a logged model on its run; the run keeps its status."""
     import mlflow

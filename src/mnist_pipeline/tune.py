@@ -70,7 +70,6 @@ class SearchResult:
     best_accuracy: float
     trials: int
     outcomes: dict[str, int]
-    interrupted: bool
 
 
 def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
@@ -216,10 +215,21 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
             data_digest=tensor_digest(data),
         )
         outcomes = _trial_outcomes(store.uri, store.experiment_id)
-        grid = _tuner(job, data, space, options, root, outcomes).fit()
-        result = _conclude(grid, job, options, outcomes, parent.info.run_id)
-        if result.interrupted:
-            raise KeyboardInterrupt
+        grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
+        interrupted = sum(outcomes.counts.values()) < options.samples
+        if interrupted:  # the trials Tune left running are ended; the finished ones stay
+            record.end_running_trials(store.uri, parent.info.run_id, ("interrupted", "KILLED"))
+        try:
+            result = _conclude(grid, job, outcomes, parent.info.run_id)
+        except PipelineError:
+            if not interrupted:
+                raise
+            result = None
+        if interrupted:
+            raise record.EndRun("KILLED")
+    if result is None or interrupted:
+        done = f"; the best so far: MLflow run {result.run_id}" if result else ""
+        raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
     return result
 
 
@@ -240,7 +250,6 @@ def _start_ray(options: TuneOptions, tracking_uri: str) -> None:
 
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
-
 
     try:
         ray.init(
@@ -362,15 +371,13 @@ def _trial_outcomes(tracking_uri: str, experiment_id: str):
     return Outcomes()
 
 
-def _conclude(grid, job: TrialJob, options: TuneOptions, outcomes, parent_run_id: str):
+def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult:
     """The best trial: its recipe and accuracy on the parent run, its kept weights a logged
     model on its own run; a line per figure for the user."""
     import torch
 
     from mnist_pipeline.models import build_model
 
-    finished = sum(outcomes.counts.values())
-    interrupted = finished < options.samples
     try:
         best = grid.get_best_result(metric=METRIC, mode=MODE, scope="all")
     except RuntimeError:
@@ -418,9 +425,8 @@ def _conclude(grid, job: TrialJob, options: TuneOptions, outcomes, parent_run_id
         run_id=parent_run_id,
         best_recipe=recipe,
         best_accuracy=accuracy,
-        trials=finished,
+        trials=sum(outcomes.counts.values()),
         outcomes=dict(outcomes.counts),
-        interrupted=interrupted,
     )
 
 
