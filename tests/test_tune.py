@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.cli import main
+from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
 from tests.conftest import REPO, committed_params_text
 from tests.test_server import free_port
@@ -118,6 +119,30 @@ def test_tune_refuses_a_local_store_for_a_cluster(tiny_data, capsys):
     assert main(["tune", "--variant", "ffn1_relu", "--address", "127.0.0.1:1"]) == 1
     err = capsys.readouterr().err
     assert "is a file on this machine" in err and "MLFLOW_TRACKING_URI" in err
+
+
+def test_a_diverging_trial_is_reported_and_the_search_goes_on(tiny_data, capsys):
+    """Ray on this machine (no --address). Learning rates this high make the loss NaN within the
+    first epoch: each trial says so in its run, is not retried, and the search ends with one
+    line naming what happened."""
+    import mlflow
+
+    params = yaml.safe_load((tiny_data / "params.yaml").read_text())
+    params["tune"] = {"lr": {"low": 1e30, "high": 1e31}, "batch_size": [100], "epochs": [2]}
+    (tiny_data / "params.yaml").write_text(yaml.safe_dump(params))
+    code = main(["tune", "--variant", "ffn1_relu", "--samples", "2", "--max-failures", "3"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no trial of the search reported a validation accuracy (2 diverged)" in err
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    trials = [r for r in runs if r.data.tags.get("run.kind") == "one-off"]
+    assert len(trials) == 2  # not retried
+    assert {(r.info.status, r.data.tags["tune.outcome"]) for r in trials} == {
+        ("FAILED", "diverged")
+    }
+    assert "diverged" in trials[0].data.tags["tune.outcome.note"]
+    (search,) = [r for r in runs if r.data.tags.get("run.kind") == "search"]
+    assert search.info.status == "FAILED" and search.data.metrics["trials/diverged"] == 2
 
 
 # --- a two-node cluster in a network namespace ----------------------------------------------
@@ -331,6 +356,13 @@ def test_cluster_in_its_own_namespace(cluster, namespace_project: Path):
     best = client.get_run(parent.data.params["best.run_id"])
     assert best.outputs.model_outputs, "the best trial's weights are a logged model"
     assert json.loads(parent.data.params["search.space"])["epochs"] == [6, 9]
+
+    # `compare` lists the search's finished trials side by side, never the search's own run.
+    os.environ["MLFLOW_TRACKING_URI"] = cluster["mlflow"]  # (monkeypatched by tiny_env)
+    table = compare(load_params(namespace_project / "params.yaml"), namespace_project,
+                    experiment="t", one_off=True, latest_only=False)  # fmt: skip
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(table) == len(finished)
 
 
 def search_run_id(client, experiment_id: str) -> str:

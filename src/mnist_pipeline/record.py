@@ -633,7 +633,7 @@ def trial_tags(store: Store, *, variant: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def search_run(store: Store, *, variant: str, description: dict[str, str]):
+def search_run(store: Store, variant: str, description: dict[str, str]):
     """The search's parent run: its parameters (space, algorithm, scheduler) logged first."""
     from mlflow.entities import Param
 
@@ -680,8 +680,9 @@ def end_trial_run(
         order_by=["attributes.start_time DESC"],
     )
     for run in runs:
-        if run.info.status == "RUNNING":
+        if OUTCOME_TAG not in run.data.tags:
             client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, how[1])
     if not runs:
         return how[0]

@@ -15,12 +15,14 @@ become a logged model. Ray is imported here only: the other stages never pay for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from mnist_pipeline.dataset import Dataset, load_dataset
 from mnist_pipeline.errors import PipelineError
 
 METRIC, MODE = "val_accuracy", "max"
+DIVERGED = "diverged"  # in a trial's last result: its loss became NaN or infinite
 RUN_ID_KEY = "mlflow_run_id"  # each trial reports its child run's id with its results
 NODE_TAG = "ray.node_id"
 REDUCTION_FACTOR = 2  # ASHA keeps the better half at each rung (epochs 1, 2, 4, ...)
@@ -132,7 +135,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
         )
         report = _Reporter(run.info.run_id, model, record.EpochLogger())
         try:
-            fit(
+            fitted = fit(
                 model,
                 optimizer,
                 train_data,
@@ -145,7 +148,16 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
             )
         except Diverged as err:  # a recipe's fault: reported, not retried
             record.set_outcome(run.info.run_id, "diverged", str(err))
+            # Tune wants the metric in a trial's last result: it scores nothing.
+            last = {
+                METRIC: 0.0,
+                "epoch": report.epoch + 1,
+                DIVERGED: 1,
+                RUN_ID_KEY: run.info.run_id,
+            }
+            ray_tune.report(last)
             raise record.EndRun("FAILED") from None
+        record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
         record.set_outcome(run.info.run_id, "completed")
 
 
@@ -171,12 +183,14 @@ class _Reporter:
     model: Any
     log_epoch: record.EpochLogger
     best: float = -1.0
+    epoch: int = 0  # the last one reported
 
     def __call__(self, row: dict[str, float], epoch: int) -> None:
         import torch
         from ray import tune as ray_tune
 
         self.log_epoch(row, epoch)
+        self.epoch = epoch
         metrics = {
             "epoch": epoch,
             METRIC: row.get("val/accuracy", row["train/accuracy"]),
@@ -201,9 +215,8 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
     store = record.open_store(root, params.data.dataset)  # fails fast: before any work
     _check_store_for_cluster(store.uri, options.address or os.environ.get("RAY_ADDRESS"))
     data = load_dataset(root, params.data.dataset)
-    _start_ray(options, store.uri)
     description = _describe(space, options, variant)
-    with record.search_run(store, variant=variant, description=description) as parent:
+    with _ray(options, store.uri), record.search_run(store, variant, description) as parent:
         job = TrialJob(
             variant=variant,
             params=params,
@@ -243,9 +256,11 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
         )
 
 
-def _start_ray(options: TuneOptions, tracking_uri: str) -> None:
-    """Join the cluster at --address (or RAY_ADDRESS), else start Ray on this machine. Every
-    worker gets the tracking URI in its environment, so nothing falls back to a local ./mlruns."""
+@contextlib.contextmanager
+def _ray(options: TuneOptions, tracking_uri: str) -> Iterator[None]:
+    """Join the cluster at --address (or RAY_ADDRESS), else start Ray on this machine; leave
+    it (or stop it) at the end. Every worker gets the tracking URI in its environment, so
+    nothing falls back to a local ./mlruns."""
     import ray
 
     address = options.address or os.environ.get("RAY_ADDRESS") or None
@@ -262,6 +277,10 @@ def _start_ray(options: TuneOptions, tracking_uri: str) -> None:
             f"no Ray cluster answers at {address} ({err}); start one with `ray start --head`, "
             "or leave out --address to run Ray on this machine"
         ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
@@ -326,6 +345,9 @@ def _tuner(
             search_alg=search,
             scheduler=scheduler,
             num_samples=options.samples,
+            # A finished or stopped trial's worker takes the next trial: no new process to
+            # start and no torch and MLflow to import again (seconds per trial on 2 cores).
+            reuse_actors=True,
         ),
         run_config=ray_tune.RunConfig(
             name=f"{job.variant}-{job.parent_run_id[:8]}",
@@ -355,7 +377,10 @@ def _trial_outcomes(tracking_uri: str, experiment_id: str):
             self._end(trial, ("failed", "FAILED"))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, ("stopped-early", "KILLED"))
+            # ASHA stops a trial at its last epoch too (max_t), often before it ended its run.
+            last = (trial.last_result or {}).get("epoch", 0)
+            ran_all = last >= int(trial.config["epochs"])
+            self._end(trial, ("completed", "FINISHED") if ran_all else ("stopped-early", "KILLED"))
 
         def _end(self, trial, how: tuple[str, str], count: bool = True) -> None:
             try:
@@ -378,22 +403,15 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
 
     from mnist_pipeline.models import build_model
 
-    try:
-        best = grid.get_best_result(metric=METRIC, mode=MODE, scope="all")
-    except RuntimeError:
-        best = None
-    if best is None or best.metrics is None or METRIC not in best.metrics:
+    best = _best_trial(grid)
+    if best is None:
         record.end_search(parent_run_id, outcomes.counts, best=None)
         raise PipelineError(
             f"{job.variant}: no trial of the search reported a validation accuracy "
             f"({_counted(outcomes.counts)}); see the runs under {parent_run_id}"
         )
-    recipe = recipe_for(job.params, job.variant, best.config)
-    # The trial's kept epoch: a checkpoint is reported whenever its accuracy improved.
-    checkpoint, kept = max(
-        best.best_checkpoints or [(None, best.metrics)], key=lambda c: c[1][METRIC]
-    )
-    accuracy = float(kept[METRIC])
+    result, checkpoint, accuracy = best
+    recipe = recipe_for(job.params, job.variant, result.config)
     model_id = None
     if checkpoint is not None:
         model = build_model(job.variant, use_dropout=recipe.use_dropout)
@@ -401,7 +419,7 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
             model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu"))
         model_id = record.log_trial_model(
             job.tracking_uri,
-            best.metrics[RUN_ID_KEY],
+            result.metrics[RUN_ID_KEY],
             model,
             job.variant,
             dataclasses.asdict(recipe),
@@ -411,7 +429,7 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
         outcomes.counts,
         best={
             **{f"best.{k}": v for k, v in dataclasses.asdict(recipe).items()},
-            "best.run_id": best.metrics[RUN_ID_KEY],
+            "best.run_id": result.metrics[RUN_ID_KEY],
             "best.model_id": model_id,
         },
         accuracy=accuracy,
@@ -428,6 +446,23 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
         trials=sum(outcomes.counts.values()),
         outcomes=dict(outcomes.counts),
     )
+
+
+def _best_trial(grid):
+    """(result, checkpoint, accuracy) of the trial whose kept epoch scored best, leaving out the
+    trials that diverged (their recipe would diverge in the pipeline too); None if none is left.
+    A trial reports a checkpoint whenever its validation accuracy improved: its best is its
+    kept epoch's."""
+    best = None
+    for result in grid:
+        if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):
+            continue
+        checkpoint, kept = max(
+            result.best_checkpoints or [(None, result.metrics)], key=lambda c: c[1][METRIC]
+        )
+        if best is None or kept[METRIC] > best[2]:
+            best = (result, checkpoint, float(kept[METRIC]))
+    return best
 
 
 def _counted(counts: dict[str, int]) -> str:
