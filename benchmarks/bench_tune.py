@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 BEST = re.compile(r"best validation accuracy ([0-9.]+) with (.*?) \((.*?); MLflow run (\w+)\)")
 
 
 def search(variant: str, samples: int, *flags: str) -> dict:
-    command = ["mnist-pipeline", "tune", "--variant", variant, "--samples", str(samples), *flags]
+    program = str(Path(sys.executable).with_name("mnist-pipeline"))  # this environment's
+    command = [program, "tune", "--variant", variant, "--samples", str(samples), *flags]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -29,7 +32,7 @@ def search(variant: str, samples: int, *flags: str) -> dict:
     if done.returncode != 0 or found is None:
         raise SystemExit(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     return {
-        "command": " ".join(command),
+        "command": " ".join(["mnist-pipeline", *command[1:]]),
         "seconds": seconds,
         "accuracy": float(found[1]),
         "recipe": found[2],

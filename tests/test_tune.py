@@ -150,9 +150,14 @@ def test_a_diverging_trial_is_reported_and_the_search_goes_on(tiny_data, capsys)
 
 def test_a_search_on_a_two_node_cluster_survives_a_dead_node():
     """Re-runs the test below under `unshare --net`, with loopback up and nothing else."""
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
-    if shutil.which("unshare") is None or probe.returncode != 0:
-        reason = f"cannot make a network namespace (unshare --net: {probe.stderr.strip()})"
+    missing = [tool for tool in ("unshare", "ip", "ss") if shutil.which(tool) is None]
+    probe = None if missing else subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    if missing or probe.returncode != 0:
+        reason = (
+            f"cannot make a network namespace: {', '.join(missing)} missing (make iproute)"
+            if missing
+            else f"cannot make a network namespace (unshare --net: {probe.stderr.decode().strip()})"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -147,15 +147,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
                 label=job.variant,
             )
         except Diverged as err:  # a recipe's fault: reported, not retried
-            record.set_outcome(run.info.run_id, "diverged", str(err))
-            # Tune wants the metric in a trial's last result: it scores nothing.
-            last = {
-                METRIC: 0.0,
-                "epoch": report.epoch + 1,
-                DIVERGED: 1,
-                RUN_ID_KEY: run.info.run_id,
-            }
-            ray_tune.report(last)
+            report.diverged(err)
             raise record.EndRun("FAILED") from None
         record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
         record.set_outcome(run.info.run_id, "completed")
@@ -204,6 +196,15 @@ class _Reporter:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(self.model.state_dict(), Path(folder) / "model.pt")
             ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
+
+    def diverged(self, err: Exception) -> None:
+        """The run says why; Tune, which wants the metric in a trial's last result, gets a
+        score of nothing, marked so the search never picks this recipe."""
+        from ray import tune as ray_tune
+
+        record.set_outcome(self.run_id, "diverged", str(err))
+        last = {METRIC: 0.0, "epoch": self.epoch + 1, DIVERGED: 1, RUN_ID_KEY: self.run_id}
+        ray_tune.report(last)
 
 
 # --- the driver ---------------------------------------------------------------------------
