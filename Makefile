@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup postgres chromium pipeline test test-slow lint format ui benchmark clean
+.PHONY: help setup postgres chromium iproute pipeline test test-slow lint format ui benchmark clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,10 +57,21 @@ chromium: ## install Debian's chromium if it is missing (for tests/test_plots.py
 	  || echo "could not install chromium: the browser checks in tests/test_plots.py will be skipped"; \
 	fi
 
+# tests/test_tune.py runs a two-node Ray cluster in a network namespace of its own: `unshare`
+# (util-linux), `ip` and `ss` (Debian's iproute2). Installed as root if missing; else skipped.
+iproute: ## install Debian's iproute2 (ip, ss) if it is missing
+	@if ! command -v ip >/dev/null 2>&1 || ! command -v ss >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  echo "installing Debian's iproute2 (for tests/test_tune.py)"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends iproute2 >/dev/null \
+	  || echo "could not install iproute2: the cluster test in tests/test_tune.py will be skipped"; \
+	fi
+
 pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
 	$(BIN)/dvc repro
 
-test: $(STAMP) postgres chromium ## Ruff (lint + format check) and the default test run
+test: $(STAMP) postgres chromium iproute ## Ruff (lint + format check) and the default test run
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -20,7 +20,7 @@ from mlflow.utils.environment import _PythonEnv
 from mnist_pipeline.cli import build_parser
 from tests.conftest import REPO, Mirror, tiny_params
 
-ENTRY_POINTS = {"main", "download", "train", "evaluate"}
+ENTRY_POINTS = {"main", "download", "train", "evaluate", "tune"}
 # `mlflow run -e train -P <name>=<value>` -> the `mnist-pipeline train` flag it sets, a sample value
 TRAIN_OVERRIDES = {
     "epochs": ("--epochs", "1"),

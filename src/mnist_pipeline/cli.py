@@ -8,6 +8,7 @@
     mnist-pipeline report
     mnist-pipeline sync                                       # MLflow agrees with the outputs
     mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--exp NAME] [--csv out.csv]
+    mnist-pipeline tune --variant ffn1_relu --samples 16 [--address HOST:PORT] [--apply]
 
 A user mistake ends with one line on stderr and a non-zero exit (2: bad input, 1: failure),
 never a traceback.
@@ -82,7 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=_sync)
     _add_compare(sub)
+    _add_tune(sub)
     return parser
+
+
+def _add_tune(sub) -> None:
+    tune = sub.add_parser(
+        "tune", help="search a variant's recipe on Ray Tune (params.yaml's tune: space)"
+    )
+    tune.add_argument("--variant", required=True)
+    tune.add_argument("--samples", type=int, default=8, help="recipes to try (default: 8)")
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
+    tune.add_argument("--cpus-per-trial", type=float, default=1.0, help="default: 1")
+    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="default: 0")
+    tune.add_argument(
+        "--address", help="a Ray cluster to join (default: RAY_ADDRESS, else Ray on this machine)"
+    )
+    tune.add_argument(
+        "--max-failures", type=int, default=2, help="retries of a trial whose node died"
+    )
+    tune.add_argument(
+        "--no-early-stopping", action="store_true", help="run every trial to its last epoch"
+    )
+    tune.add_argument(
+        "--storage",
+        type=Path,
+        help="Tune's checkpoints (default: one-off/tune/; a cluster: shared)",
+    )
+    tune.add_argument("--seed", type=int, help="the search's seed (default: train.seed)")
+    tune.add_argument("--apply", action="store_true", help="write the best recipe into params.yaml")
+    tune.set_defaults(handler=_tune)
 
 
 def _add_compare(sub) -> None:
@@ -188,6 +218,36 @@ def _compare(params, root: Path, args: argparse.Namespace) -> None:
         markdown_path=args.markdown,
         chart_path=args.chart,
     )
+
+
+def _tune(params, root: Path, args: argparse.Namespace) -> None:
+    from mnist_pipeline.config import check_variant
+    from mnist_pipeline.errors import ConfigError
+    from mnist_pipeline.paths import PARAMS_FILE
+    from mnist_pipeline.tune import TuneOptions, apply_recipe, tune
+
+    check_variant(args.variant)
+    params.search_space(args.variant)  # a bad or missing tune: section, before Ray starts
+    for flag in ("samples", "max_concurrent", "max_failures"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "max_failures" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {value}")
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
+    options = TuneOptions(
+        samples=args.samples,
+        max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        address=args.address,
+        max_failures=args.max_failures,
+        early_stopping=not args.no_early_stopping,
+        storage=args.storage,
+        seed=args.seed,
+    )
+    result = tune(params, args.variant, root, options)
+    if args.apply:
+        apply_recipe(args.params or root / PARAMS_FILE, args.variant, result.best_recipe)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -200,7 +200,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
     runs = pd.DataFrame(
         {new: raw.get(old, pd.Series(index=raw.index)) for old, new in columns.items()}
     )
-    runs = runs[runs["variant"].notna()]
+    # A search's own run (`mnist-pipeline tune`) trains nothing: its trials are the runs.
+    runs = runs[runs["variant"].notna() & (runs["kind"] != "search")]
     if runs.empty:
         raise PipelineError(
             f"experiment {experiment!r} at {uri} holds no finished training runs; train one "

@@ -55,10 +55,43 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    """What `mnist-pipeline tune` searches over for one variant: the learning rate log-uniformly
+    between two bounds, the batch size and the epoch count among choices. The rest of the recipe
+    (optimizer, shuffle, dropout) is the variant's own."""
+
+    lr: tuple[float, float]
+    batch_size: tuple[int, ...]
+    epochs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TuneSection:
+    """params.yaml's `tune:` section: a shared search space, and per-variant replacements of any
+    of its keys."""
+
+    shared: SearchSpace
+    variants: Mapping[str, Mapping[str, Any]]
+
+    def space(self, variant: str) -> SearchSpace:
+        return dataclasses.replace(self.shared, **self.variants.get(variant, {}))
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     train: TrainConfig
     variants: Mapping[str, Recipe]
+    tune: TuneSection | None = None
+
+    def search_space(self, variant: str) -> SearchSpace:
+        self.recipe(variant)
+        if self.tune is None:
+            raise ConfigError(
+                "params.yaml has no 'tune:' section; add one with lr: {low: ..., high: ...}, "
+                "batch_size: [...] and epochs: [...] (docs/tune.md)"
+            )
+        return self.tune.space(variant)
 
     def recipe(self, variant: str) -> Recipe:
         check_variant(variant)
@@ -177,11 +210,54 @@ def parse_recipe(raw: Any, variant: str) -> Recipe:
     )
 
 
+_SPACE_KEYS = {f.name for f in dataclasses.fields(SearchSpace)}
+
+
+def _lr_bounds(value: Any, key: str) -> tuple[float, float]:
+    bounds = _mapping(value, key)
+    _keys(bounds, key, {"low", "high"})
+    low, high = (
+        _positive_float(bounds["low"], f"{key}.low"),
+        _positive_float(bounds["high"], f"{key}.high"),
+    )
+    if not low < high:
+        raise ConfigError(f"{key}: low ({low}) must be below high ({high})")
+    return low, high
+
+
+def _int_choices(value: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of whole numbers, got {value!r}")
+    return tuple(sorted({_int(v, f"{key}[{i}]", 1) for i, v in enumerate(value)}))
+
+
+def _space_values(section: Mapping[str, Any], key: str) -> dict[str, Any]:
+    parsers = {"lr": _lr_bounds, "batch_size": _int_choices, "epochs": _int_choices}
+    return {name: parsers[name](value, f"{key}.{name}") for name, value in section.items()}
+
+
+def parse_tune(raw: Any) -> TuneSection:
+    section = _mapping(raw, "tune")
+    _keys(section, "tune", _SPACE_KEYS, {"variants"})
+    shared = SearchSpace(**_space_values({k: section[k] for k in _SPACE_KEYS}, "tune"))
+    per_variant = {}
+    for name, values in _mapping(section.get("variants") or {}, "tune.variants").items():
+        key = f"tune.variants.{name}"
+        if name not in VARIANTS:
+            raise ConfigError(
+                f"{key}: unknown variant {name!r}; choose from: {', '.join(VARIANTS)}"
+            )
+        values = _mapping(values, key)
+        _keys(values, key, set(), _SPACE_KEYS)
+        per_variant[name] = _space_values(values, key)
+    return TuneSection(shared=shared, variants=per_variant)
+
+
 def parse_params(raw: Any) -> Params:
     if raw is None:
         raise ConfigError("the file is empty; expected sections data, train and variants")
     top = _mapping(raw, "top level")
-    _keys(top, "top level", {"data", "train", "variants"})
+    _keys(top, "top level", {"data", "train", "variants"}, {"tune"})
     variants_raw = _mapping(top["variants"], "variants")
     variants = {}
     for name, recipe in variants_raw.items():
@@ -191,7 +267,12 @@ def parse_params(raw: Any) -> Params:
                 "(a new one also needs an entry in mnist_pipeline/models.py)"
             )
         variants[name] = parse_recipe(recipe, name)
-    return Params(data=parse_data(top["data"]), train=parse_train(top["train"]), variants=variants)
+    return Params(
+        data=parse_data(top["data"]),
+        train=parse_train(top["train"]),
+        variants=variants,
+        tune=parse_tune(top["tune"]) if "tune" in top else None,
+    )
 
 
 def read_params_file(path: Path) -> dict[str, Any]:

@@ -107,9 +107,17 @@ def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bo
 
 
 @contextlib.contextmanager
-def started_run(store: Store, *, variant: str, tags: dict, system_metrics: bool = False):
+def started_run(
+    store: Store,
+    *,
+    variant: str,
+    tags: dict,
+    system_metrics: bool = False,
+    parent_run_id: str | None = None,
+):
     """A new run of `variant`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
-    A store that fails at the end is a warning: what matters is saved locally."""
+    A store that fails at the end is a warning: what matters is saved locally. Its parent is
+    `parent_run_id`, else the run `mlflow run` started, if any."""
     import mlflow
 
     if system_metrics:
@@ -121,13 +129,15 @@ def started_run(store: Store, *, variant: str, tags: dict, system_metrics: bool 
         experiment_id=store.experiment_id,
         run_name=tracking.run_name(variant),
         tags=tags,
-        parent_run_id=_parent_run_id(),
+        parent_run_id=parent_run_id or _parent_run_id(),
         log_system_metrics=system_metrics,
     )
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
+    except EndRun as end:  # the caller's choice: this status, and nothing raised further
+        status = end.status
     except Exception:
         raise
     except BaseException:  # Ctrl-C, SIGTERM
@@ -138,6 +148,14 @@ def started_run(store: Store, *, variant: str, tags: dict, system_metrics: bool 
             mlflow.end_run(status)
         except Exception:
             print(f"warning: could not mark MLflow run {run.info.run_id} {status}", file=sys.stderr)
+
+
+class EndRun(Exception):
+    """Raised inside `started_run`: end the run with `status` and carry on after the block."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 # --- the training record --------------------------------------------------------------------
@@ -603,3 +621,117 @@ def _receipt(uri: str, experiment: str) -> str | None:
     except sqlite3.Error:
         return None
     return row[0] if row else None
+
+
+# --- a search (`mnist-pipeline tune`): a parent run, a child run per trial ----------------------
+
+OUTCOME_TAG = "tune.outcome"  # completed | stopped-early | diverged | failed | retried
+TRIAL_TAG = "tune.trial_id"
+SEARCH_KIND = "search"  # the run.kind of a search's parent run
+_NODE_TAGS = ("host", "hostname", "cpu.model", "platform", "torch.version", "cuda.version")
+
+
+def trial_tags(store: Store, *, variant: str) -> dict[str, str]:
+    """The tags a search's trials share, made on the driver (code version, data set, variant,
+    one-off); each trial adds its own node's (host, device, Ray node id)."""
+    tags = run_tags(store, variant=variant, device=("", ""), one_off=True)
+    return {k: v for k, v in tags.items() if k not in (*_NODE_TAGS, "device", "device.name")}
+
+
+@contextlib.contextmanager
+def search_run(store: Store, variant: str, description: dict[str, str]):
+    """The search's parent run: its parameters (space, algorithm, scheduler) logged first."""
+    from mlflow.entities import Param
+
+    tags = run_tags(store, variant=variant, device=("ray", "cluster"), one_off=True)
+    tags[tracking.RUN_KIND_TAG] = SEARCH_KIND
+    with started_run(store, variant=variant, tags=tags) as run:
+        params = [Param(k, v) for k, v in description.items()]
+        store.client.log_batch(run.info.run_id, params=params)
+        yield run
+
+
+@contextlib.contextmanager
+def trial_run(tracking_uri: str, *, experiment_id: str, parent_run_id: str, name: str, tags: dict):
+    """A trial's run, a child of `parent_run_id`, on the store at `tracking_uri`: given
+    explicitly, as a worker on another node has no project and must not fall back to ./mlruns."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    store = Store(uri=tracking_uri, experiment_id=experiment_id, dataset="", root=Path("."))
+    with started_run(
+        store, variant=name, tags=tags, system_metrics=True, parent_run_id=parent_run_id
+    ) as run:
+        mlflow.set_tag("mlflow.runName", name)
+        yield run
+
+
+def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
+    tracking.client().set_tag(run_id, OUTCOME_TAG, outcome)
+    if note:
+        tracking.client().set_tag(run_id, f"{OUTCOME_TAG}.note", first_line(note, limit=400))
+
+
+def end_trial_run(
+    tracking_uri: str, experiment_id: str, trial_id: str, how: tuple[str, str]
+) -> str:
+    """End the runs of trial `trial_id` still RUNNING (their process stopped, or died, before it
+    could) with `how` = (outcome, status); return the outcome of its latest run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{TRIAL_TAG}` = '{trial_id}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if OUTCOME_TAG not in run.data.tags:
+            client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, how[1])
+    if not runs:
+        return how[0]
+    latest = client.get_run(runs[0].info.run_id)
+    return latest.data.tags.get(OUTCOME_TAG, how[0])
+
+
+def end_running_trials(tracking_uri: str, parent_run_id: str, how: tuple[str, str]) -> None:
+    """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        client.set_terminated(run.info.run_id, how[1])
+
+
+def log_trial_model(tracking_uri: str, run_id: str, model, variant: str, recipe: dict) -> str:
+    """The best trial's kept weights as a logged model on its run; the run keeps its status."""
+    import mlflow
+
+    from mnist_pipeline.logged_model import log_model
+
+    client = mlflow.MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, nested=True):
+        model_id = log_model(model, variant, params={"variant": variant, **recipe})
+    client.set_terminated(run_id, status)
+    return model_id
+
+
+def end_search(run_id: str, counts: dict[str, int], *, best: dict | None, accuracy=None) -> None:
+    """The search's outcome on its parent run: trial counts, the best recipe and accuracy."""
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"trials/{k}", v, now, 0) for k, v in counts.items()]
+    if accuracy is not None:
+        metrics.append(Metric("best/val_accuracy", accuracy, now, 0))
+    params = [Param(k, str(v)) for k, v in (best or {}).items()]
+    tracking.client().log_batch(run_id, metrics=metrics, params=params)

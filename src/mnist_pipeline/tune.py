@@ -1,0 +1,529 @@
+"""`mnist-pipeline tune --variant NAME`: search the variant's recipe on Ray Tune.
+
+    mnist-pipeline tune --variant ffn1_relu --samples 16              # Ray on this machine
+    mnist-pipeline tune --variant ffn1_relu --address HOST:6379       # an existing cluster
+    mnist-pipeline tune --variant ffn1_relu --apply                   # best recipe -> params.yaml
+
+Optuna's TPE (`ray.tune.search.optuna`) proposes recipes from params.yaml's `tune:` space; ASHA
+stops a trial whose validation accuracy falls behind at an epoch. Each trial runs the project's own
+training loop (`train.fit`) on the node Ray places it on, with the data from Ray's object store
+(put there once, checked where it is used), and records a child run of the search's run on the
+tracking store that MLFLOW_TRACKING_URI names. A trial never writes DVC's outputs; its kept
+weights go to Tune's checkpoint folder (one-off/tune/ unless --storage), and the best trial's
+become a logged model. Ray is imported here only: the other stages never pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline import paths, record, tracking
+from mnist_pipeline.config import Params, Recipe, SearchSpace
+from mnist_pipeline.dataset import Dataset, load_dataset
+from mnist_pipeline.errors import PipelineError
+
+METRIC, MODE = "val_accuracy", "max"
+DIVERGED = "diverged"  # in a trial's last result: its loss became NaN or infinite
+RUN_ID_KEY = "mlflow_run_id"  # each trial reports its child run's id with its results
+NODE_TAG = "ray.node_id"
+REDUCTION_FACTOR = 2  # ASHA keeps the better half at each rung (epochs 1, 2, 4, ...)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    samples: int = 8
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None  # None: RAY_ADDRESS, else Ray on this machine
+    max_failures: int = 2
+    early_stopping: bool = True
+    storage: Path | None = None
+    seed: int | None = None  # Optuna's sampler; default train.seed
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What every trial needs, shipped to the nodes with the trainable."""
+
+    variant: str
+    params: Params
+    root: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str]
+    data_digest: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    run_id: str
+    best_recipe: Recipe
+    best_accuracy: float
+    trials: int
+    outcomes: dict[str, int]
+
+
+def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
+    """The variant's recipe with a trial's lr, batch size and epochs."""
+    return dataclasses.replace(
+        params.recipe(variant),
+        lr=float(config["lr"]),
+        batch_size=int(config["batch_size"]),
+        epochs=int(config["epochs"]),
+    )
+
+
+def tensor_digest(data: Dataset) -> str:
+    """The MD5 of the training tensors: what a trial checks on the copy it received."""
+    digest = hashlib.md5()
+    for tensor in (data.train_images, data.train_labels):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- the trial: runs in a Ray worker on whichever node Tune placed it ----------------------
+
+
+def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
+    """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
+    import ray
+    import torch
+    from ray import tune as ray_tune
+
+    from mnist_pipeline.device import resolve_device, set_cpu_threads
+    from mnist_pipeline.models import build_model
+    from mnist_pipeline.train import Diverged, fit, make_optimizer, train_val_split
+
+    if tensor_digest(data) != job.data_digest:
+        raise PipelineError(f"{job.variant}: the data reached this node altered; not training")
+    params, settings = job.params, job.params.train
+    recipe = recipe_for(params, job.variant, config)
+    device = resolve_device(settings.device)
+    train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
+    set_cpu_threads(device, recipe.batch_size)
+    torch.manual_seed(settings.seed)
+    model = build_model(job.variant, use_dropout=recipe.use_dropout).to(device)
+    optimizer = make_optimizer(recipe, model)
+    generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
+    node = ray.get_runtime_context().get_node_id()
+    trial_id = ray_tune.get_context().get_trial_id()
+    with record.trial_run(
+        job.tracking_uri,
+        experiment_id=job.experiment_id,
+        parent_run_id=job.parent_run_id,
+        name=f"{job.variant}-{trial_id}",
+        tags=_trial_tags(job, device, node=node, trial_id=trial_id),
+    ) as run:
+        recipe_values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
+        inputs = tracking.datasets(
+            params.data, data.checksum, val_size=settings.val_size, seed=settings.seed
+        )
+        record.log_recipe(
+            run.info.run_id, variant=job.variant, recipe=recipe_values, inputs=inputs, extra={}
+        )
+        report = _Reporter(run.info.run_id, model, record.EpochLogger())
+        try:
+            fitted = fit(
+                model,
+                optimizer,
+                train_data,
+                val_data,
+                recipe=recipe,
+                keep=settings.keep,
+                generator=generator,
+                on_epoch=report,
+                label=job.variant,
+            )
+        except Diverged as err:  # a recipe's fault: reported, not retried
+            report.diverged(err)
+            raise record.EndRun("FAILED") from None
+        record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
+        record.set_outcome(run.info.run_id, "completed")
+
+
+def _trial_tags(job: TrialJob, device, *, node: str, trial_id: str) -> dict[str, str]:
+    from mnist_pipeline.device import device_name
+
+    return {
+        **tracking.machine_tags(Path(job.root)),  # this node's host, CPU, torch
+        **job.tags,  # the driver's: variant, data set, code version, run kind
+        "device": device.type,
+        "device.name": device_name(device),
+        NODE_TAG: node,
+        record.TRIAL_TAG: trial_id,
+    }
+
+
+@dataclass
+class _Reporter:
+    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint
+    when the validation accuracy improved (the trial's kept epoch, as `train.keep: best`)."""
+
+    run_id: str
+    model: Any
+    log_epoch: record.EpochLogger
+    best: float = -1.0
+    epoch: int = 0  # the last one reported
+
+    def __call__(self, row: dict[str, float], epoch: int) -> None:
+        import torch
+        from ray import tune as ray_tune
+
+        self.log_epoch(row, epoch)
+        self.epoch = epoch
+        metrics = {
+            "epoch": epoch,
+            METRIC: row.get("val/accuracy", row["train/accuracy"]),
+            "train_loss": row["train/loss"],
+            RUN_ID_KEY: self.run_id,
+        }
+        if metrics[METRIC] <= self.best:
+            ray_tune.report(metrics)
+            return
+        self.best = metrics[METRIC]
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(self.model.state_dict(), Path(folder) / "model.pt")
+            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
+
+    def diverged(self, err: Exception) -> None:
+        """The run says why; Tune, which wants the metric in a trial's last result, gets a
+        score of nothing, marked so the search never picks this recipe."""
+        from ray import tune as ray_tune
+
+        record.set_outcome(self.run_id, "diverged", str(err))
+        last = {METRIC: 0.0, "epoch": self.epoch + 1, DIVERGED: 1, RUN_ID_KEY: self.run_id}
+        ray_tune.report(last)
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
+    """Search `variant`'s recipe; record the search as a parent run and each trial as a child."""
+    space = params.search_space(variant)
+    store = record.open_store(root, params.data.dataset)  # fails fast: before any work
+    _check_store_for_cluster(store.uri, options.address or os.environ.get("RAY_ADDRESS"))
+    data = load_dataset(root, params.data.dataset)
+    description = _describe(space, options, variant)
+    with _ray(options, store.uri), record.search_run(store, variant, description) as parent:
+        job = TrialJob(
+            variant=variant,
+            params=params,
+            root=str(root),
+            tracking_uri=store.uri,
+            experiment_id=store.experiment_id,
+            parent_run_id=parent.info.run_id,
+            tags=record.trial_tags(store, variant=variant),
+            data_digest=tensor_digest(data),
+        )
+        outcomes = _trial_outcomes(store.uri, store.experiment_id)
+        grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
+        interrupted = sum(outcomes.counts.values()) < options.samples
+        if interrupted:  # the trials Tune left running are ended; the finished ones stay
+            record.end_running_trials(store.uri, parent.info.run_id, ("interrupted", "KILLED"))
+        try:
+            result = _conclude(grid, job, outcomes, parent.info.run_id)
+        except PipelineError:
+            if not interrupted:
+                raise
+            result = None
+        if interrupted:
+            raise record.EndRun("KILLED")
+    if result is None or interrupted:
+        done = f"; the best so far: MLflow run {result.run_id}" if result else ""
+        raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
+    return result
+
+
+def _check_store_for_cluster(uri: str, address: str | None) -> None:
+    """On a cluster, every node logs to the store: a file on this machine is not one it can."""
+    if address and address != "local" and uri.split(":", 1)[0] in ("sqlite", "file", ""):
+        raise PipelineError(
+            f"the tracking store {uri} is a file on this machine, which the cluster's other "
+            "nodes cannot write to; set MLFLOW_TRACKING_URI to a tracking server all nodes "
+            "reach (docs/tune.md)"
+        )
+
+
+@contextlib.contextmanager
+def _ray(options: TuneOptions, tracking_uri: str) -> Iterator[None]:
+    """Join the cluster at --address (or RAY_ADDRESS), else start Ray on this machine; leave
+    it (or stop it) at the end. Every worker gets the tracking URI in its environment, so
+    nothing falls back to a local ./mlruns."""
+    import ray
+
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env},
+            include_dashboard=False,
+        )
+    except ConnectionError as err:
+        raise PipelineError(
+            f"no Ray cluster answers at {address} ({err}); start one with `ray start --head`, "
+            "or leave out --address to run Ray on this machine"
+        ) from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
+    """The search's parameters, as its parent run logs them."""
+    scheduler = (
+        f"ASHA(metric={METRIC}, grace_period=1, reduction_factor={REDUCTION_FACTOR}, "
+        f"max_t={max(space.epochs)})"
+        if options.early_stopping
+        else "none (every trial runs all its epochs)"
+    )
+    return {
+        "variant": variant,
+        "search.space": json.dumps(dataclasses.asdict(space)),
+        "search.algorithm": "optuna TPE (ray.tune.search.optuna.OptunaSearch)",
+        "search.scheduler": scheduler,
+        "search.samples": str(options.samples),
+        "search.max_concurrent": str(options.max_concurrent or "cluster's capacity"),
+        "search.resources_per_trial": f"cpu={options.cpus_per_trial} gpu={options.gpus_per_trial}",
+        "search.max_failures": str(options.max_failures),
+    }
+
+
+def _tuner(
+    job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
+):
+    """Tune's Tuner: the trainable with the data in the object store (`with_parameters` puts it
+    there once; each node fetches it once), TPE behind a concurrency limit, ASHA, retries."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, data=data, job=job),
+        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+    )
+    seed = job.params.train.seed if options.seed is None else options.seed
+    search = OptunaSearch(seed=seed)
+    if options.max_concurrent:
+        search = ConcurrencyLimiter(search, max_concurrent=options.max_concurrent)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max(space.epochs),
+            grace_period=1,
+            reduction_factor=REDUCTION_FACTOR,
+        )
+        if options.early_stopping
+        else None
+    )
+    storage = (options.storage or root / paths.ONE_OFF_DIR / "tune").resolve()
+    return ray_tune.Tuner(
+        trainable,
+        param_space={
+            "lr": ray_tune.loguniform(*space.lr),
+            "batch_size": ray_tune.choice(list(space.batch_size)),
+            "epochs": ray_tune.choice(list(space.epochs)),
+        },
+        tune_config=ray_tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=options.samples,
+            # A finished or stopped trial's worker takes the next trial: no new process to
+            # start and no torch and MLflow to import again (seconds per trial on 2 cores).
+            reuse_actors=True,
+        ),
+        run_config=ray_tune.RunConfig(
+            name=f"{job.variant}-{job.parent_run_id[:8]}",
+            storage_path=str(storage),
+            failure_config=ray_tune.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray_tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            callbacks=[outcomes],
+            verbose=1,
+        ),
+    )
+
+
+def _trial_outcomes(tracking_uri: str, experiment_id: str):
+    """A Tune callback on the driver: what became of each trial, in its MLflow run. A trial that
+    ASHA stopped, or whose node died, never gets to end its own run: it is ended here."""
+    from ray import tune as ray_tune
+
+    class Outcomes(ray_tune.Callback):
+        counts: dict[str, int] = {}  # noqa: RUF012 (one instance)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._end(trial, ("retried", "FAILED"), count=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, ("failed", "FAILED"))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # ASHA stops a trial at its last epoch too (max_t), often before it ended its run.
+            last = (trial.last_result or {}).get("epoch", 0)
+            ran_all = last >= int(trial.config["epochs"])
+            self._end(trial, ("completed", "FINISHED") if ran_all else ("stopped-early", "KILLED"))
+
+        def _end(self, trial, how: tuple[str, str], count: bool = True) -> None:
+            try:
+                outcome = record.end_trial_run(tracking_uri, experiment_id, trial.trial_id, how)
+            except Exception as err:  # the store: the search goes on
+                print(
+                    f"warning: could not end trial {trial.trial_id}'s run: {err}", file=sys.stderr
+                )
+                outcome = how[0]
+            if count:
+                self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    return Outcomes()
+
+
+def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult:
+    """The best trial: its recipe and accuracy on the parent run, its kept weights a logged
+    model on its own run; a line per figure for the user."""
+    import torch
+
+    from mnist_pipeline.models import build_model
+
+    best = _best_trial(grid)
+    if best is None:
+        record.end_search(parent_run_id, outcomes.counts, best=None)
+        raise PipelineError(
+            f"{job.variant}: no trial of the search reported a validation accuracy "
+            f"({_counted(outcomes.counts)}); see the runs under {parent_run_id}"
+        )
+    result, checkpoint, accuracy = best
+    recipe = recipe_for(job.params, job.variant, result.config)
+    model_id = None
+    if checkpoint is not None:
+        model = build_model(job.variant, use_dropout=recipe.use_dropout)
+        with checkpoint.as_directory() as folder:
+            model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu"))
+        model_id = record.log_trial_model(
+            job.tracking_uri,
+            result.metrics[RUN_ID_KEY],
+            model,
+            job.variant,
+            dataclasses.asdict(recipe),
+        )
+    record.end_search(
+        parent_run_id,
+        outcomes.counts,
+        best={
+            **{f"best.{k}": v for k, v in dataclasses.asdict(recipe).items()},
+            "best.run_id": result.metrics[RUN_ID_KEY],
+            "best.model_id": model_id,
+        },
+        accuracy=accuracy,
+    )
+    print(
+        f"{job.variant}: best validation accuracy {accuracy:.4f} with lr {recipe.lr:.4g}, "
+        f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(outcomes.counts)}; "
+        f"MLflow run {parent_run_id})"
+    )
+    return SearchResult(
+        run_id=parent_run_id,
+        best_recipe=recipe,
+        best_accuracy=accuracy,
+        trials=sum(outcomes.counts.values()),
+        outcomes=dict(outcomes.counts),
+    )
+
+
+def _best_trial(grid):
+    """(result, checkpoint, accuracy) of the trial whose kept epoch scored best, leaving out the
+    trials that diverged (their recipe would diverge in the pipeline too); None if none is left.
+    A trial reports a checkpoint whenever its validation accuracy improved: its best is its
+    kept epoch's."""
+    best = None
+    for result in grid:
+        if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):
+            continue
+        checkpoint, kept = max(
+            result.best_checkpoints or [(None, result.metrics)], key=lambda c: c[1][METRIC]
+        )
+        if best is None or kept[METRIC] > best[2]:
+            best = (result, checkpoint, float(kept[METRIC]))
+    return best
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no trials"
+
+
+# --- from the search back to the pipeline ---------------------------------------------------
+
+
+def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
+    """Write `recipe`'s lr, batch size and epochs into params.yaml's `variants.<variant>`: a
+    targeted edit of those three values in the variant's entry, so every other byte (comments,
+    layout, flow style) stays; then `dvc repro` trains it as the pipeline's recipe, and
+    `dvc exp show`/`dvc params diff` show the change. The edited file must parse to exactly the
+    intended recipe before it replaces the old one."""
+    import re
+
+    from mnist_pipeline.config import parse_params, read_params_file
+    from mnist_pipeline.fileio import write_text_atomic
+
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    start, end = _entry_lines(lines, variant)
+    entry = "".join(lines[start:end])
+    values = {"lr": f"{recipe.lr:.4g}", "batch_size": recipe.batch_size, "epochs": recipe.epochs}
+    for key, value in values.items():
+        entry, found = re.subn(rf"(\b{key}:\s*)[^,}}\s#]+", rf"\g<1>{value}", entry, count=1)
+        if not found:
+            raise PipelineError(f"{path.name}: variants.{variant} has no {key}: to replace")
+    text = "".join([*lines[:start], entry, *lines[end:]])
+    wanted = dataclasses.replace(recipe, lr=float(values["lr"]))
+    with tempfile.TemporaryDirectory() as folder:
+        check = Path(folder) / path.name
+        check.write_text(text, encoding="utf-8")
+        if parse_params(read_params_file(check)).recipe(variant) != wanted:
+            raise PipelineError(f"{path.name}: could not edit variants.{variant} in place")
+    write_text_atomic(path, text)
+    print(
+        f"{variant}: params.yaml now has lr {values['lr']}, batch_size {recipe.batch_size}, "
+        f"epochs {recipe.epochs}; `dvc repro` trains it as the pipeline's recipe"
+    )
+
+
+def _entry_lines(lines: list[str], variant: str) -> tuple[int, int]:
+    """The lines of `variants.<variant>` in params.yaml: its key's line up to the next line
+    indented as little (comments and blank lines between entries are not its)."""
+    top = next((i for i, line in enumerate(lines) if line.startswith("variants:")), None)
+    if top is None:
+        raise PipelineError("params.yaml: no variants: section to write the recipe into")
+    for i in range(top + 1, len(lines)):
+        line = lines[i]
+        if line.strip() and not line.startswith((" ", "#")):
+            break  # the next top-level section
+        if line.lstrip().startswith(f"{variant}:"):
+            indent = len(line) - len(line.lstrip())
+            end = i + 1
+            while end < len(lines) and (
+                not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent
+            ):
+                end += 1
+            while end > i + 1 and not lines[end - 1].strip():
+                end -= 1
+            return i, end
+    raise PipelineError(f"params.yaml: variants.{variant} not found; add its recipe first")
