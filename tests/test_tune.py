@@ -121,6 +121,7 @@ def test_tune_refuses_a_local_store_for_a_cluster(tiny_data, capsys):
     assert "is a file on this machine" in err and "MLFLOW_TRACKING_URI" in err
 
 
+@pytest.mark.slow  # a minute of Ray start-up and trials: the two-node test covers the search itself
 def test_a_diverging_trial_is_reported_and_the_search_goes_on(tiny_data, capsys):
     """Ray on this machine (no --address). Learning rates this high make the loss NaN within the
     first epoch: each trial says so in its run, is not retried, and the search ends with one
