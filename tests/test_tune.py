@@ -27,7 +27,8 @@ import yaml
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
-from tests.conftest import REPO, committed_params_text
+from mnist_pipeline.dataset import FILES, file_md5
+from tests.conftest import REPO, committed_params_text, write_tiny_dataset
 from tests.test_server import free_port
 
 INNER_ENV = "MNIST_PIPELINE_TUNE_NETNS"  # set: this process runs in the test's network namespace
@@ -183,6 +184,13 @@ def namespace_project(tiny_data: Path, monkeypatch) -> Path:
     params = yaml.safe_load((tiny_data / "params.yaml").read_text())
     params["tune"] = SPACE
     (tiny_data / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # More training images than the tiny set: a trial's first epoch lasts long enough (a few
+    # tenths of a second) for the test to see it running and kill its node then.
+    folder = tiny_data / "data" / "mnist"
+    write_tiny_dataset(folder, n_train=20_000)
+    checksums = tiny_data / "checksums.json"
+    checksums.write_text(json.dumps({name: file_md5(folder / name) for name in FILES}))
+    monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(checksums))
     return tiny_data
 
 
@@ -329,13 +337,17 @@ def test_cluster_in_its_own_namespace(cluster, namespace_project: Path):
     _wait("the search's experiment", experiment, deadline, logs, watch=search)
     experiment_id = client.get_experiment_by_name("t").experiment_id
 
-    def running_on_worker():
+    def in_first_epoch_on_worker():
+        """A trial on the worker that has not reported an epoch yet: Tune cannot have stopped
+        it (a run stopped by ASHA stays RUNNING until the driver ends it)."""
         return any(
-            r.info.status == "RUNNING" and r.data.tags.get("ray.node_id") == nodes["worker"]
+            r.info.status == "RUNNING"
+            and r.data.tags.get("ray.node_id") == nodes["worker"]
+            and "val/accuracy" not in r.data.metrics
             for r in _trial_runs(client, experiment_id)
         )
 
-    _wait("a trial running on the worker node", running_on_worker, deadline, logs, 0.1, search)
+    _wait("a trial starting on the worker", in_first_epoch_on_worker, deadline, logs, 0.05, search)
     sockets = _listening()  # everything is up: servers, both nodes, the driver, the trials
     _kill_tree(worker)  # the worker node dies mid-trial
     _wait("the search to end", lambda: search.poll() is not None, deadline, logs, 0.5)
