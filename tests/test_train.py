@@ -276,7 +276,7 @@ def test_bad_recipe_is_one_line_exit_2_and_no_run(tiny_data, capsys, args, messa
 )
 def test_the_checkpoint_keeps_the_best_validation_epoch(tiny_data, accuracies, keep, kept):
     """`fit` keeps the epoch `keep` names; the validation accuracies are the test's."""
-    from mnist_pipeline.train import fit, make_optimizer
+    from mnist_pipeline.train import SetUp, fit, make_optimizer
 
     params = load_params(tiny_data / "params.yaml")
     recipe = dataclasses.replace(params.variants["logistic_regression"], epochs=len(accuracies))
@@ -291,17 +291,8 @@ def test_the_checkpoint_keeps_the_best_validation_epoch(tiny_data, accuracies, k
         return 1.0, accuracy
 
     with mock.patch("mnist_pipeline.train.evaluate_split", validate):
-        fitted = fit(
-            model,
-            make_optimizer(recipe, model),
-            split,
-            split,
-            recipe=recipe,
-            keep=keep,
-            generator=None,
-            on_epoch=lambda row, epoch: None,
-            label="test",
-        )
+        setup = SetUp(model, make_optimizer(recipe, model), None, split, split)
+        fitted = fit(setup, recipe=recipe, keep=keep, on_epoch=lambda row, epoch: None, label="t")
     assert fitted.kept_epoch == kept
     assert fitted.kept_state["1.bias"][0].item() == kept
     assert [row["val/accuracy"] for row in fitted.history] == accuracies

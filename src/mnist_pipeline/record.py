@@ -220,15 +220,20 @@ class Training:
         )
 
 
-def log_recipe(run_id: str, *, variant: str, recipe: dict, inputs: dict, extra: dict) -> None:
-    """The recipe as params and the data it trained on as dataset inputs (known before
-    training): `inputs` are `tracking.datasets(...)`, `extra` what else the run knows."""
+def log_recipe(
+    run_id: str, variant: str, recipe: dict, *, data: DataConfig, checksum: str, extra: dict
+) -> None:
+    """The recipe (with the training settings) as params, and the data it trained on, of
+    content `checksum`, as dataset inputs: known before training. `extra`: what else the run
+    knows."""
     from mlflow.entities import Param
 
     values = {"variant": variant, **recipe, **extra}
     client = tracking.client()
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
-    used = ("training", "validation") if recipe.get("val_size") else ("training",)
+    split = {"val_size": recipe.get("val_size", 0), "seed": recipe.get("seed", 0)}
+    inputs = tracking.datasets(data, checksum, **split)
+    used = ("training", "validation") if split["val_size"] else ("training",)
     tracking.log_datasets(client, run_id, {c: inputs[c] for c in used})
 
 
@@ -540,13 +545,13 @@ def rebuild(store: Store, training: Training):
     from mnist_pipeline.models import count_parameters
 
     with new_run(store, training, recipe=training.recipe, checksum=training.checksum) as run:
-        extra = {"num_params": count_parameters(training.checkpoint[0])}
         log_recipe(
             run.info.run_id,
-            variant=training.variant,
-            recipe=training.recipe,
-            inputs=training.datasets(),
-            extra=extra,
+            training.variant,
+            training.recipe,
+            data=training.data,
+            checksum=training.checksum,
+            extra={"num_params": count_parameters(training.checkpoint[0])},
         )
         record_training(run.info.run_id, training)
     return store.client.get_run(run.info.run_id)

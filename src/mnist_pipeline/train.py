@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import checkpoint, paths, tracking
-from mnist_pipeline.config import Params, Recipe
+from mnist_pipeline import checkpoint, paths
+from mnist_pipeline.config import Params, Recipe, TrainConfig
 from mnist_pipeline.dataset import Dataset, load_dataset
 from mnist_pipeline.device import as_float, resolve_device, set_cpu_threads
 from mnist_pipeline.errors import ConfigError, PipelineError
@@ -205,42 +205,29 @@ def train(
     device = resolve_device(settings.device)
     store = record.open_store(root, params.data.dataset)  # fails fast: before any work
     data = load_dataset(root, params.data.dataset)
-    train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
-
-    model, optimizer, generator = _start(variant, recipe, settings.seed, device)
+    setup = set_up(variant, recipe, settings, data, device)
     training = record.Training(variant, outputs, params.data)
-    recipe_values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
-    inputs = tracking.datasets(
-        params.data, data.checksum, val_size=settings.val_size, seed=settings.seed
-    )
-    live = {"device_resolved": device.type, "dataset": data.name, "train_size": len(train_data.y)}
-    live["num_params"] = count_parameters(model)
+    values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
+    live = {"device_resolved": device.type, "dataset": data.name, "train_size": len(setup.train.y)}
+    live["num_params"] = count_parameters(setup.model)
     log_epoch = record.EpochLogger()
     # Ctrl-C and SIGTERM end the run KILLED, between two training steps, and nothing is saved;
     # once saving has begun, a signal waits for the run to be complete.
     with (
         signals_between_steps(),
         record.new_run(
-            store, training, recipe=recipe_values, checksum=data.checksum, device=device
+            store, training, recipe=values, checksum=data.checksum, device=device
         ) as run,
     ):
         record.log_recipe(
-            run.info.run_id, variant=variant, recipe=recipe_values, inputs=inputs, extra=live
+            run.info.run_id, variant, values, data=params.data, checksum=data.checksum, extra=live
         )
-        fitted = fit(
-            model,
-            optimizer,
-            train_data,
-            val_data,
-            recipe=recipe,
-            keep=settings.keep,
-            generator=generator,
-            on_epoch=log_epoch,
-            label=variant,
-        )
+        fitted = fit(setup, recipe=recipe, keep=settings.keep, on_epoch=log_epoch, label=variant)
         check_signals()  # the last point at which nothing has been saved
-        model.load_state_dict(fitted.kept_state)
-        write_outputs(outputs, model, variant=variant, params=params, fitted=fitted, data=data)
+        setup.model.load_state_dict(fitted.kept_state)
+        write_outputs(
+            outputs, setup.model, variant=variant, params=params, fitted=fitted, data=data
+        )
         _check_logged(log_epoch, variant, outputs, root, store.uri)
         record.log_timings(fitted.history)
         model_id = record.record_training(run.info.run_id, training, live=log_epoch)
@@ -252,13 +239,26 @@ def train(
     )
 
 
-def _start(variant: str, recipe: Recipe, seed: int, device: torch.device):
-    """The model (seeded), its optimizer, and the shuffling generator (None: no shuffling)."""
+@dataclass(frozen=True)
+class SetUp:
+    """What `fit` trains: the model (seeded), its optimizer, the shuffling generator (None: no
+    shuffling) and the data, split."""
+
+    model: nn.Sequential
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator | None
+    train: Split
+    val: Split | None
+
+
+def set_up(variant: str, recipe: Recipe, settings: TrainConfig, data: Dataset, device) -> SetUp:
+    """Everything a training of `variant` starts from (`train` and each `tune` trial)."""
+    train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
     set_cpu_threads(device, recipe.batch_size)
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     model = build_model(variant, use_dropout=recipe.use_dropout).to(device)
-    generator = torch.Generator().manual_seed(seed) if recipe.shuffle else None
-    return model, make_optimizer(recipe, model), generator
+    generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
+    return SetUp(model, make_optimizer(recipe, model), generator, train_data, val_data)
 
 
 def _say_where(run, variant: str, outputs: paths.Outputs, root: Path) -> None:
@@ -299,27 +299,29 @@ class Fit:
 
 
 def fit(
-    model: nn.Sequential,
-    optimizer: torch.optim.Optimizer,
-    train_data: Split,
-    val_data: Split | None,
+    setup: SetUp,
     *,
     recipe: Recipe,
     keep: str,
-    generator: torch.Generator | None,
     on_epoch: Callable[[dict[str, float], int], None],
     label: str,
 ) -> Fit:
     """The epochs, each: train, validate, report (`on_epoch(row, epoch)`). Kept: with keep="best"
     and a validation split, the first epoch to reach the best validation accuracy (the split
     exists for this; the test set is never consulted); otherwise the last."""
+    model, train_data, val_data = setup.model, setup.train, setup.val
     history: list[dict[str, float]] = []
     best = BestEpoch()
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         with _progress(len(train_data.y), f"{label} {epoch}/{recipe.epochs}") as bar:
             loss, acc = train_epoch(
-                model, optimizer, train_data, recipe.batch_size, generator=generator, progress=bar
+                model,
+                setup.optimizer,
+                train_data,
+                recipe.batch_size,
+                generator=setup.generator,
+                progress=bar,
             )
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):

@@ -99,24 +99,17 @@ def tensor_digest(data: Dataset) -> str:
 def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
     import ray
-    import torch
     from ray import tune as ray_tune
 
-    from mnist_pipeline.device import resolve_device, set_cpu_threads
-    from mnist_pipeline.models import build_model
-    from mnist_pipeline.train import Diverged, fit, make_optimizer, train_val_split
+    from mnist_pipeline.device import resolve_device
+    from mnist_pipeline.train import Diverged, fit, set_up
 
     if tensor_digest(data) != job.data_digest:
         raise PipelineError(f"{job.variant}: the data reached this node altered; not training")
     params, settings = job.params, job.params.train
     recipe = recipe_for(params, job.variant, config)
     device = resolve_device(settings.device)
-    train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
-    set_cpu_threads(device, recipe.batch_size)
-    torch.manual_seed(settings.seed)
-    model = build_model(job.variant, use_dropout=recipe.use_dropout).to(device)
-    optimizer = make_optimizer(recipe, model)
-    generator = torch.Generator().manual_seed(settings.seed) if recipe.shuffle else None
+    setup = set_up(job.variant, recipe, settings, data, device)
     node = ray.get_runtime_context().get_node_id()
     trial_id = ray_tune.get_context().get_trial_id()
     with record.trial_run(
@@ -126,25 +119,14 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
         name=f"{job.variant}-{trial_id}",
         tags=_trial_tags(job, device, node=node, trial_id=trial_id),
     ) as run:
-        recipe_values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
-        inputs = tracking.datasets(
-            params.data, data.checksum, val_size=settings.val_size, seed=settings.seed
-        )
+        values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
         record.log_recipe(
-            run.info.run_id, variant=job.variant, recipe=recipe_values, inputs=inputs, extra={}
+            run.info.run_id, job.variant, values, data=params.data, checksum=data.checksum, extra={}
         )
-        report = _Reporter(run.info.run_id, model, record.EpochLogger())
+        report = _Reporter(run.info.run_id, setup.model, record.EpochLogger())
         try:
             fitted = fit(
-                model,
-                optimizer,
-                train_data,
-                val_data,
-                recipe=recipe,
-                keep=settings.keep,
-                generator=generator,
-                on_epoch=report,
-                label=job.variant,
+                setup, recipe=recipe, keep=settings.keep, on_epoch=report, label=job.variant
             )
         except Diverged as err:  # a recipe's fault: reported, not retried
             report.diverged(err)
