@@ -42,11 +42,11 @@ def test_evaluate_logs_into_the_training_run(tiny_data):
     result = train(params, "ffn1_relu", root)
     metrics = evaluate(params, "ffn1_relu", root)
 
-    saved = json.loads(paths.test_metrics_path(root, "ffn1_relu").read_text())
+    saved = json.loads(paths.pipeline_outputs(root, "ffn1_relu").test_metrics.read_text())
     # DVC's metrics file: what a person compares; per-class figures go to MLflow
     assert set(saved) == set(DVC_METRICS)
     assert saved["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
-    rows = paths.predictions_path(root, "ffn1_relu").read_text().splitlines()
+    rows = paths.pipeline_outputs(root, "ffn1_relu").predictions.read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 200
 
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -38,7 +38,7 @@ def test_export_serves_probabilities_and_logs_into_the_training_run(tiny_data, v
     trained = train(params, variant, root)
     export(params, variant, root)
 
-    folder = paths.export_dir(root, variant)
+    folder = paths.pipeline_outputs(root, variant).export_dir
     # one self-contained file per form (no external weights beside them), no measurement
     assert sorted(p.name for p in folder.iterdir()) == ["model.int8.onnx", "model.onnx"]
     proto = onnx.load(folder / "model.onnx")
@@ -61,7 +61,7 @@ def test_export_serves_probabilities_and_logs_into_the_training_run(tiny_data, v
             assert out.shape == (n, 10)
             np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
 
-    metrics = json.loads(paths.export_metrics_path(root, variant).read_text())
+    metrics = json.loads(paths.pipeline_outputs(root, variant).export_metrics.read_text())
     assert set(metrics) == {f"{f}/{k}" for f in ("torch", "onnx", "int8") for k in KEPT}
     assert metrics["onnx/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.005)
     assert metrics["int8/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.05)
@@ -112,7 +112,7 @@ def test_export_without_checkpoint_says_to_train(tiny_data, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "mnist-pipeline train --variant ffn1_relu" in err
     assert err.count("\n") == 1
-    assert not paths.export_dir(tiny_data, "ffn1_relu").exists()
+    assert not paths.pipeline_outputs(tiny_data, "ffn1_relu").export_dir.exists()
 
 
 def test_failing_quantisation_is_one_line_and_writes_nothing(tiny_data, monkeypatch, capsys):
@@ -130,5 +130,5 @@ def test_failing_quantisation_is_one_line_and_writes_nothing(tiny_data, monkeypa
     err = capsys.readouterr().err
     assert "ffn1_relu: int8 quantisation failed (no kernel for this op)" in err
     assert err.count("\n") == 1
-    assert not paths.export_dir(root, variant).exists()
-    assert not paths.export_metrics_path(root, variant).exists()
+    assert not paths.pipeline_outputs(root, variant).export_dir.exists()
+    assert not paths.pipeline_outputs(root, variant).export_metrics.exists()

@@ -605,7 +605,7 @@ def test_tracking_server_dying_mid_run(project, capsys, monkeypatch, mlflow_serv
     assert f"the tracking store at {url} failed during training" in line
     assert "results are saved (models/ffn1_relu/model.pt" in line
     assert "`mnist-pipeline sync` records them" in line
-    assert len(paths.history_path(project, VARIANT).read_text().splitlines()) == 1 + 3
+    assert len(paths.pipeline_outputs(project, VARIANT).history.read_text().splitlines()) == 1 + 3
 
     # The store answers again (here: its database, read directly) and the advice works.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")

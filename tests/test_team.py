@@ -613,8 +613,10 @@ def test_an_account_refused_mid_run_keeps_the_results(
     assert f"the tracking store at {team.server.url} failed during training" in line
     assert "403" in line and "training finished and its results are saved" in line
     checkpoint = paths.checkpoint_path(tiny_data, variant)
-    assert checkpoint.is_file() and paths.train_metrics_path(tiny_data, variant).is_file()
-    history = paths.history_path(tiny_data, variant).read_text().splitlines()
+    assert (
+        checkpoint.is_file() and paths.pipeline_outputs(tiny_data, variant).train_metrics.is_file()
+    )
+    history = paths.pipeline_outputs(tiny_data, variant).history.read_text().splitlines()
     assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]
     (advice,) = re.findall(r"`(mnist-pipeline sync)`", line)
 

@@ -164,10 +164,10 @@ def test_one_complete_mlflow_run(tiny_data, variant):
     ckpt = torch.load(paths.checkpoint_path(root, variant), weights_only=True)
     assert ckpt["variant"] == variant and ckpt["recipe"]["lr"] == recipe.lr
     assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, variant))
-    summary_metrics = json.loads(paths.train_metrics_path(root, variant).read_text())
+    summary_metrics = json.loads(paths.pipeline_outputs(root, variant).train_metrics.read_text())
     assert summary_metrics["kept_epoch"] == recipe.epochs and "val/accuracy" in summary_metrics
     assert not any(k.startswith("time/") for k in summary_metrics)  # timings: MLflow only
-    header = paths.history_path(root, variant).read_text().splitlines()[0]
+    header = paths.pipeline_outputs(root, variant).history.read_text().splitlines()[0]
     assert header.split(",") == ["epoch", *EPOCH_METRICS[:4]]
 
 
@@ -177,8 +177,8 @@ def test_same_recipe_same_bytes(tiny_data):
     params = load_params(root / "params.yaml")
     files = (
         paths.checkpoint_path(root, "mlp_relu_dropout"),
-        paths.train_metrics_path(root, "mlp_relu_dropout"),
-        paths.history_path(root, "mlp_relu_dropout"),
+        paths.pipeline_outputs(root, "mlp_relu_dropout").train_metrics,
+        paths.pipeline_outputs(root, "mlp_relu_dropout").history,
     )
     first = train(params, "mlp_relu_dropout", root)
     before = [p.read_bytes() for p in files]

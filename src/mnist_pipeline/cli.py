@@ -115,13 +115,17 @@ def _add_tune(sub) -> None:
     tune.set_defaults(handler=_tune)
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _add_compare(sub) -> None:
     compare = sub.add_parser("compare", help="variant x host/device table from the tracking store")
     compare.add_argument(
         "--experiment", help="experiment name (default: the params.yaml data set's)"
     )
-    compare.add_argument("--variants", help="comma-separated variant names to keep")
-    compare.add_argument("--hosts", help="comma-separated host labels to keep")
+    compare.add_argument("--variants", type=_names, help="comma-separated variant names to keep")
+    compare.add_argument("--hosts", type=_names, help="comma-separated host labels to keep")
     compare.add_argument(
         "--exp", help="a DVC experiment's name: its runs beside its baseline commit's"
     )
@@ -147,24 +151,16 @@ def _download(params, root: Path, args: argparse.Namespace) -> None:
 
 
 def _train(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.config import check_variant, with_overrides
+    from dataclasses import fields
+
+    from mnist_pipeline.config import Recipe, TrainConfig, check_variant, with_overrides
     from mnist_pipeline.paths import one_off_outputs
     from mnist_pipeline.train import train
 
     check_variant(args.variant)
-    names = (
-        "optimizer",
-        "lr",
-        "batch_size",
-        "epochs",
-        "shuffle",
-        "use_dropout",
-        "seed",
-        "device",
-        "val_size",
-        "keep",
-    )
-    recipe = with_overrides(params, args.variant, **{name: getattr(args, name) for name in names})
+    names = {f.name for config in (Recipe, TrainConfig) for f in fields(config)}  # the flags
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    recipe = with_overrides(params, args.variant, **overrides)
     # A recipe other than params.yaml's is a one-off: it must not touch DVC's outputs.
     one_off = recipe != params
     train(recipe, args.variant, root, one_off_outputs(root, args.variant) if one_off else None)
@@ -202,15 +198,12 @@ def _sync(params, root: Path, args: argparse.Namespace) -> None:
 def _compare(params, root: Path, args: argparse.Namespace) -> None:
     from mnist_pipeline.compare import compare
 
-    def split(text: str | None) -> list[str] | None:
-        return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
     compare(
         params,
         root,
         experiment=args.experiment,
-        variants=split(args.variants),
-        hosts=split(args.hosts),
+        variants=args.variants,
+        hosts=args.hosts,
         dvc_exp=args.exp,
         latest_only=not args.all_runs,
         one_off=args.one_off,
@@ -221,6 +214,8 @@ def _compare(params, root: Path, args: argparse.Namespace) -> None:
 
 
 def _tune(params, root: Path, args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
     from mnist_pipeline.config import check_variant
     from mnist_pipeline.errors import ConfigError
     from mnist_pipeline.paths import PARAMS_FILE
@@ -228,23 +223,14 @@ def _tune(params, root: Path, args: argparse.Namespace) -> None:
 
     check_variant(args.variant)
     params.search_space(args.variant)  # a bad or missing tune: section, before Ray starts
-    for flag in ("samples", "max_concurrent", "max_failures"):
+    for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "max_failures" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be at least 1, got {value}")
+        if value is not None and value < least:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
-    options = TuneOptions(
-        samples=args.samples,
-        max_concurrent=args.max_concurrent,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        address=args.address,
-        max_failures=args.max_failures,
-        early_stopping=not args.no_early_stopping,
-        storage=args.storage,
-        seed=args.seed,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(TuneOptions) if hasattr(args, f.name)}
+    options = TuneOptions(**given, early_stopping=not args.no_early_stopping)
     result = tune(params, args.variant, root, options)
     if args.apply:
         apply_recipe(args.params or root / PARAMS_FILE, args.variant, result.best_recipe)

@@ -25,40 +25,8 @@ def data_dir(root: Path, dataset: str) -> Path:
     return root / "data" / dataset
 
 
-def model_dir(root: Path, variant: str) -> Path:
-    return root / "models" / variant
-
-
 def checkpoint_path(root: Path, variant: str) -> Path:
-    return model_dir(root, variant) / "model.pt"
-
-
-def train_metrics_path(root: Path, variant: str) -> Path:
-    return root / "metrics" / "train" / f"{variant}.json"
-
-
-def test_metrics_path(root: Path, variant: str) -> Path:
-    return root / "metrics" / "test" / f"{variant}.json"
-
-
-def history_path(root: Path, variant: str) -> Path:
-    return root / "plots" / "train" / f"{variant}.csv"
-
-
-def predictions_path(root: Path, variant: str) -> Path:
-    return root / "plots" / "predictions" / f"{variant}.csv"
-
-
-def export_dir(root: Path, variant: str) -> Path:
-    return root / "exports" / variant
-
-
-def export_metrics_path(root: Path, variant: str) -> Path:
-    return root / "metrics" / "export" / f"{variant}.json"
-
-
-def reports_dir(root: Path) -> Path:
-    return root / "reports"
+    return root / "models" / variant / "model.pt"
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -91,12 +59,12 @@ class Outputs:
 def pipeline_outputs(root: Path, variant: str) -> Outputs:
     return Outputs(
         checkpoint=checkpoint_path(root, variant),
-        train_metrics=train_metrics_path(root, variant),
-        history=history_path(root, variant),
-        test_metrics=test_metrics_path(root, variant),
-        predictions=predictions_path(root, variant),
-        export_dir=export_dir(root, variant),
-        export_metrics=export_metrics_path(root, variant),
+        train_metrics=root / "metrics" / "train" / f"{variant}.json",
+        history=root / "plots" / "train" / f"{variant}.csv",
+        test_metrics=root / "metrics" / "test" / f"{variant}.json",
+        predictions=root / "plots" / "predictions" / f"{variant}.csv",
+        export_dir=root / "exports" / variant,
+        export_metrics=root / "metrics" / "export" / f"{variant}.json",
     )
 
 

@@ -20,10 +20,8 @@ def collect(params: Params, root: Path):
 
     rows = []
     for variant, recipe in params.variants.items():
-        files = {
-            "train": paths.train_metrics_path(root, variant),
-            "test": paths.test_metrics_path(root, variant),
-        }
+        outputs = paths.pipeline_outputs(root, variant)
+        files = {"train": outputs.train_metrics, "test": outputs.test_metrics}
         missing = [str(p.relative_to(root)) for p in files.values() if not p.is_file()]
         if missing:
             raise PipelineError(
@@ -51,7 +49,7 @@ def collect(params: Params, root: Path):
 
 def report(params: Params, root: Path) -> Path:
     table = collect(params, root)
-    out = paths.reports_dir(root)
+    out = root / "reports"
     shown = table.copy()
     for col in ("val_accuracy", "test_accuracy", "test_f1_macro"):
         shown[col] = (shown[col] * 100).map(lambda v: f"{v:.2f}%" if v == v else "")
