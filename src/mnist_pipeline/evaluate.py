@@ -12,28 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from mnist_pipeline import checkpoint, metrics, paths
 from mnist_pipeline.config import Params
 from mnist_pipeline.dataset import load_dataset
 from mnist_pipeline.device import as_float, resolve_device
 from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
-from mnist_pipeline.models import logits_view
-
-
-@torch.no_grad()
-def predict(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, chunk: int = 10_000):
-    """Predicted classes and the mean loss (computed on logits, stably)."""
-    net = logits_view(model.eval())
-    preds, loss_sum = [], 0.0
-    for start in range(0, len(y), chunk):
-        logits = net(x[start : start + chunk])
-        loss_sum += F.cross_entropy(logits, y[start : start + chunk], reduction="sum").item()
-        preds.append(logits.argmax(1))
-    return torch.cat(preds), loss_sum / max(len(y), 1)
+from mnist_pipeline.models import predict
 
 
 def evaluate(

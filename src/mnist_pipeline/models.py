@@ -93,6 +93,22 @@ def logits_view(model: nn.Sequential) -> nn.Sequential:
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model
 
 
+def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
+    """Predicted classes of `x` and the mean loss against `y` (on logits, stably), in eval mode
+    and in chunks of `chunk` images: the test set (evaluate) and the validation split (train)."""
+    import torch
+    import torch.nn.functional as F
+
+    net = logits_view(model.eval())
+    preds, loss_sum = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(y), chunk):
+            logits = net(x[start : start + chunk])
+            loss_sum += F.cross_entropy(logits, y[start : start + chunk], reduction="sum").item()
+            preds.append(logits.argmax(1))
+    return torch.cat(preds), loss_sum / max(len(y), 1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -31,7 +31,7 @@ from mnist_pipeline.dataset import Dataset, load_dataset
 from mnist_pipeline.device import as_float, resolve_device, set_cpu_threads
 from mnist_pipeline.errors import ConfigError, PipelineError
 from mnist_pipeline.fileio import write_json_atomic, write_text_atomic
-from mnist_pipeline.models import build_model, count_parameters, logits_view
+from mnist_pipeline.models import build_model, count_parameters, logits_view, predict
 
 # The per-epoch history (a DVC plot): what the recipe determines, so the same recipe and seed
 # write the same bytes. Timings differ every run: they go to MLflow only.
@@ -115,20 +115,10 @@ def train_epoch(
     return mean_loss.item(), (torch.cat(preds) == targets).sum().item() / n
 
 
-@torch.no_grad()
-def evaluate_split(model: nn.Sequential, data: Split, chunk: int = 10_000) -> tuple[float, float]:
+def evaluate_split(model: nn.Sequential, data: Split) -> tuple[float, float]:
     """Mean loss and accuracy of `model` on `data`, in eval mode."""
-    model.eval()
-    net = logits_view(model)
-    loss_sum = torch.zeros((), device=data.x.device)
-    correct = torch.zeros((), device=data.x.device, dtype=torch.long)
-    for start in range(0, len(data.y), chunk):
-        logits = net(data.x[start : start + chunk])
-        yb = data.y[start : start + chunk]
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    n = len(data.y)
-    return loss_sum.item() / n, correct.item() / n
+    pred, loss = predict(model, data.x, data.y)
+    return loss, (pred == data.y).sum().item() / len(data.y)
 
 
 class Diverged(PipelineError):
