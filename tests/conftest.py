@@ -81,21 +81,27 @@ def tiny_params(epochs: int = 1, val_size: int = 100) -> dict:
     return params
 
 
+def tiny_project(monkeypatch, mirror: Mirror, root: Path, *, data: bool = False) -> Path:
+    """A project root at `root` (params.yaml shrunk), the tiny mirror, a private MLflow store;
+    with `data`, the data already under data/mnist/."""
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("MNIST_MIRROR", str(mirror.folder))
+    monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(mirror.checksums))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # runs here are short
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    if data:
+        shutil.copytree(mirror.raw, root / "data" / "mnist")
+    return root
+
+
 @pytest.fixture
 def tiny_env(monkeypatch, tiny_mirror: Mirror, tmp_path: Path) -> Path:
     """A project root in tmp_path (params.yaml shrunk), the tiny mirror, a private MLflow store."""
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(root))
-    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mirror.folder))
-    monkeypatch.setenv("MNIST_CHECKSUMS_FILE", str(tiny_mirror.checksums))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # runs here are short
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    return root
+    return tiny_project(monkeypatch, tiny_mirror, tmp_path / "project")
 
 
 @pytest.fixture

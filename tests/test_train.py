@@ -8,6 +8,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import mlflow
@@ -15,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.entities import Run
 
 from mnist_pipeline import paths
 from mnist_pipeline.cli import main
-from mnist_pipeline.config import load_params
+from mnist_pipeline.config import Recipe, load_params
 from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.device import resolve_device
 from mnist_pipeline.models import VARIANTS, build_model, logits_view
-from mnist_pipeline.train import Split, evaluate_split, train, train_epoch
-from tests.conftest import make_images
+from mnist_pipeline.train import Split, TrainResult, evaluate_split, train, train_epoch
+from tests.conftest import make_images, tiny_project
 
 EPOCH_METRICS = (
     "train/loss",
@@ -87,42 +91,68 @@ def test_cuda_requested_without_a_gpu_is_a_config_error():
     assert resolve_device("auto").type in {"cpu", "mps"}
 
 
-def _runs(root):
+def _runs(root: Path) -> list[Run]:
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
-@pytest.mark.parametrize("variant", ["ffn1_relu", "mlp_tanh_sigmoid_softmax"])
-def test_one_complete_mlflow_run(tiny_data, variant):
-    root = tiny_data
-    params = load_params(root / "params.yaml")
-    result = train(params, variant, root)
+@dataclass(frozen=True)
+class Trained:
+    """One training of `variant` in a project of its own, and the one run its store holds."""
 
-    runs = _runs(root)
-    assert [r.info.run_id for r in runs] == [result.run_id]
-    run = runs[0]
+    root: Path
+    variant: str
+    recipe: Recipe
+    result: TrainResult
+    run: Run
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module", params=["ffn1_relu", "mlp_tanh_sigmoid_softmax"])
+def trained(request, tiny_mirror, tmp_path_factory) -> Iterator[Trained]:
+    variant = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = tiny_project(
+            monkeypatch, tiny_mirror, tmp_path_factory.mktemp(variant) / "p", data=True
+        )
+        params = load_params(root / "params.yaml")
+        result = train(params, variant, root)
+        (run,) = _runs(root)
+        yield Trained(root, variant, params.variants[variant], result, run)
+
+
+def test_the_run_is_finished_and_named_after_variant_and_host(trained):
+    run = trained.run
+    assert run.info.run_id == trained.result.run_id
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == f"{variant}@{run.data.tags['host']}"
+    assert run.info.run_name == f"{trained.variant}@{run.data.tags['host']}"
     assert run.data.tags["run.kind"] == "pipeline"
-    assert variant in run.data.tags["mlflow.note.content"]  # the run's description
-    # parameters: the recipe, the shared settings, the data and the size
-    recipe = params.variants[variant]
-    assert run.data.params["variant"] == variant
-    assert run.data.params["optimizer"] == recipe.optimizer
-    assert float(run.data.params["lr"]) == recipe.lr
-    assert run.data.params["batch_size"] == str(recipe.batch_size)
-    assert run.data.params["epochs"] == str(recipe.epochs)
-    assert run.data.params["val_size"] == "100"
-    assert run.data.params["num_params"] == str(
-        sum(p.numel() for p in build_model(variant).parameters())
-    )
-    # per-epoch metrics at steps 1..epochs
-    client = mlflow.MlflowClient()
+    assert trained.variant in run.data.tags["mlflow.note.content"]  # the run's description
+
+
+def test_the_recipe_settings_and_size_are_params(trained):
+    params, recipe = trained.run.data.params, trained.recipe
+    assert params["variant"] == trained.variant
+    assert params["optimizer"] == recipe.optimizer
+    assert float(params["lr"]) == recipe.lr
+    assert params["batch_size"] == str(recipe.batch_size)
+    assert params["epochs"] == str(recipe.epochs)
+    assert params["val_size"] == "100"
+    size = sum(p.numel() for p in build_model(trained.variant).parameters())
+    assert params["num_params"] == str(size)
+
+
+def test_each_epoch_metric_has_one_step_per_epoch(trained):
     for name in EPOCH_METRICS:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
-        assert steps == list(range(1, recipe.epochs + 1)), name
-    # tags: variant, host, device, versions, commit, data
-    tags = run.data.tags
+        history = trained.client.get_metric_history(trained.run.info.run_id, name)
+        assert [m.step for m in history] == list(range(1, trained.recipe.epochs + 1)), name
+
+
+def test_the_tags_name_variant_host_device_versions_commit_and_data(trained):
+    tags = trained.run.data.tags
     for key in (
         "variant",
         "host",
@@ -136,38 +166,53 @@ def test_one_complete_mlflow_run(tiny_data, variant):
     ):
         assert tags.get(key), key
     assert tags["device"] == "cpu" and tags["data.dataset"] == "mnist"
-    # the data set, as MLflow dataset inputs with a content digest, by context
-    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+
+
+def test_the_data_is_a_dataset_input_per_context(trained):
+    inputs = {i.tags[0].value: i.dataset for i in trained.run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation"}
     assert inputs["training"].name == "mnist-train" and len(inputs["training"].digest) == 32
-    # the summary and the model
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_torchsummary_table_is_an_artifact(trained):
+    artifacts = {a.path for a in trained.client.list_artifacts(trained.run.info.run_id)}
     assert "model_summary.txt" in artifacts
-    summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
-    assert "Total params" in summary
-    # the logged model: named after the variant, probabilities out, the kept epoch's
-    # validation figures linked to it
+    uri = f"runs:/{trained.run.info.run_id}/model_summary.txt"
+    assert "Total params" in mlflow.artifacts.load_text(uri)
+
+
+def test_the_logged_model_is_named_after_the_variant_and_links_the_kept_epoch(trained):
     (logged,) = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{result.run_id}'",
+        experiment_ids=[trained.run.info.experiment_id],
+        filter_string=f"source_run_id = '{trained.result.run_id}'",
         output_format="list",
     )
-    assert logged.name == variant and logged.model_id == result.model_id
+    assert logged.name == trained.variant and logged.model_id == trained.result.model_id
     linked = {m.key: m for m in logged.metrics}
     assert linked["val/accuracy"].dataset_name == "mnist-validation"
-    model = mlflow.pyfunc.load_model(f"models:/{result.model_id}")
+
+
+def test_the_logged_model_returns_probabilities(trained):
+    model = mlflow.pyfunc.load_model(f"models:/{trained.result.model_id}")
     for n in (1, 5):
         out = np.asarray(model.predict(np.random.rand(n, 1, 28, 28).astype(np.float32)))
         assert out.shape == (n, 10)
         assert np.allclose(out.sum(axis=1), 1, atol=1e-5)
-    # the checkpoint (found from the run by its bytes), the DVC metrics and plots files
-    ckpt = torch.load(paths.checkpoint_path(root, variant), weights_only=True)
-    assert ckpt["variant"] == variant and ckpt["recipe"]["lr"] == recipe.lr
-    assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, variant))
-    summary_metrics = json.loads(paths.pipeline_outputs(root, variant).train_metrics.read_text())
-    assert summary_metrics["kept_epoch"] == recipe.epochs and "val/accuracy" in summary_metrics
-    assert not any(k.startswith("time/") for k in summary_metrics)  # timings: MLflow only
-    header = paths.pipeline_outputs(root, variant).history.read_text().splitlines()[0]
+
+
+def test_the_run_names_its_checkpoint_by_md5(trained):
+    checkpoint = paths.checkpoint_path(trained.root, trained.variant)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["variant"] == trained.variant and saved["recipe"]["lr"] == trained.recipe.lr
+    assert trained.run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
+
+
+def test_dvc_metrics_and_history_hold_no_timings(trained):
+    outputs = paths.pipeline_outputs(trained.root, trained.variant)
+    summary = json.loads(outputs.train_metrics.read_text())
+    assert summary["kept_epoch"] == trained.recipe.epochs and "val/accuracy" in summary
+    assert not any(k.startswith("time/") for k in summary)  # timings: MLflow only
+    header = outputs.history.read_text().splitlines()[0]
     assert header.split(",") == ["epoch", *EPOCH_METRICS[:4]]
 
 
