@@ -176,8 +176,6 @@ class TrainResult:
     run_id: str
     model_id: str
     history: list[dict[str, float]]
-    checkpoint: Path
-    num_params: int
 
 
 def train(
@@ -224,9 +222,7 @@ def train(
         if _Signals.received is not None:
             print(f"{variant}: a signal came while saving; the run is done", file=sys.stderr)
     _say_where(run, variant, outputs, root)
-    return TrainResult(
-        run.info.run_id, model_id, fitted.history, outputs.checkpoint, live["num_params"]
-    )
+    return TrainResult(run.info.run_id, model_id, fitted.history)
 
 
 @dataclass(frozen=True)
