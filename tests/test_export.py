@@ -5,6 +5,9 @@ byte-identical re-exports, and one-line errors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -22,6 +25,7 @@ from mnist_pipeline.export import export, to_onnx
 from mnist_pipeline.logged_model import inference_model
 from mnist_pipeline.models import build_model
 from mnist_pipeline.train import train
+from tests.conftest import tiny_project
 
 FIGURES = ("accuracy", "accuracy_b1", "bytes", "latency_b1_ms", "latency_b1000_ms")
 KEPT = FIGURES[:3]  # in the DVC metrics file: the same on every run
@@ -31,55 +35,111 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("variant", ["mlp_relu_dropout", "mlp_tanh_sigmoid_softmax"])
-def test_export_serves_probabilities_and_logs_into_the_training_run(tiny_data, variant):
-    root = tiny_data
-    params = load_params(root / "params.yaml")
-    trained = train(params, variant, root)
-    export(params, variant, root)
+@dataclass(frozen=True)
+class Exported:
+    """One training and export of `variant` in a project of its own."""
 
-    folder = paths.pipeline_outputs(root, variant).export_dir
-    # one self-contained file per form (no external weights beside them), no measurement
-    assert sorted(p.name for p in folder.iterdir()) == ["model.int8.onnx", "model.onnx"]
-    proto = onnx.load(folder / "model.onnx")
+    root: Path
+    variant: str
+    run_id: str
+
+    @property
+    def folder(self) -> Path:
+        return paths.pipeline_outputs(self.root, self.variant).export_dir
+
+    @property
+    def test_images(self) -> torch.Tensor:
+        data = load_dataset(self.root, "mnist")
+        return as_float(data.test_images, torch.device("cpu"))
+
+    def served(self) -> torch.nn.Sequential:
+        path = paths.checkpoint_path(self.root, self.variant)
+        return inference_model(checkpoint.load(path, self.variant)[0])
+
+    def run(self):
+        return mlflow.MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}").get_run(self.run_id)
+
+
+@pytest.fixture(scope="module", params=["mlp_relu_dropout", "mlp_tanh_sigmoid_softmax"])
+def one_exported(request, tiny_mirror, tmp_path_factory) -> Iterator[Exported]:
+    variant = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = tmp_path_factory.mktemp(variant) / "project"
+        root = tiny_project(monkeypatch, tiny_mirror, folder, data=True)
+        params = load_params(root / "params.yaml")
+        trained = train(params, variant, root)
+        export(params, variant, root)
+        yield Exported(root, variant, trained.run_id)
+
+
+@pytest.fixture
+def exported(one_exported: Exported) -> Exported:
+    """The module's export, with MLflow's process-wide store pointed at its own."""
+    mlflow.set_tracking_uri(f"sqlite:///{one_exported.root / 'mlflow.db'}")
+    return one_exported
+
+
+def test_each_form_is_one_self_contained_file_and_nothing_else(exported):
+    # no external weights beside them, no measurement (latencies go to MLflow only)
+    assert sorted(p.name for p in exported.folder.iterdir()) == ["model.int8.onnx", "model.onnx"]
+
+
+def test_the_onnx_input_is_float_images_with_a_dynamic_batch(exported):
+    proto = onnx.load(exported.folder / "model.onnx")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
-    # The served form's probabilities, whatever the head; int8 too, at any batch size.
-    model, _ = checkpoint.load(paths.checkpoint_path(root, variant), variant)
-    x = as_float(load_dataset(root, params.data.dataset).test_images, torch.device("cpu"))
+
+def test_onnx_gives_the_checkpoints_probabilities(exported):
+    x = exported.test_images
     with torch.inference_mode():
-        expected = inference_model(model)(x).numpy()
-    fp32, int8 = session(folder / "model.onnx"), session(folder / "model.int8.onnx")
-    probabilities = fp32.run(None, {"images": x.numpy()})[0]
+        expected = exported.served()(x).numpy()
+    probabilities = session(exported.folder / "model.onnx").run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert (probabilities.argmax(1) == expected.argmax(1)).all()
-    for net in (fp32, int8):
-        for n in (1, 7):
-            out = net.run(None, {"images": x[:n].numpy()})[0]
-            assert out.shape == (n, 10)
-            np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
 
-    metrics = json.loads(paths.pipeline_outputs(root, variant).export_metrics.read_text())
+
+@pytest.mark.parametrize("form", ["model.onnx", "model.int8.onnx"])
+def test_each_form_gives_probabilities_at_any_batch_size(exported, form):
+    net, x = session(exported.folder / form), exported.test_images
+    for n in (1, 7):
+        out = net.run(None, {"images": x[:n].numpy()})[0]
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+
+
+def test_the_metrics_file_holds_what_is_the_same_on_every_run(exported):
+    outputs = paths.pipeline_outputs(exported.root, exported.variant)
+    metrics = json.loads(outputs.export_metrics.read_text())
     assert set(metrics) == {f"{f}/{k}" for f in ("torch", "onnx", "int8") for k in KEPT}
     assert metrics["onnx/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.005)
     assert metrics["int8/accuracy"] == pytest.approx(metrics["torch/accuracy"], abs=0.05)
     assert metrics["int8/bytes"] <= metrics["onnx/bytes"] / 2  # 100k+ parameters
 
-    # Same checkpoint, same bytes (the export drops host paths and the torch build suffix).
-    md5 = file_md5(paths.checkpoint_path(root, variant))
-    assert to_onnx(inference_model(model), variant, md5) == (folder / "model.onnx").read_bytes()
 
-    run = mlflow.MlflowClient().get_run(trained.run_id)
+def test_the_same_checkpoint_exports_the_same_bytes(exported):
+    # the export drops host paths and the torch build suffix
+    md5 = file_md5(paths.checkpoint_path(exported.root, exported.variant))
+    again = to_onnx(exported.served(), exported.variant, md5)
+    assert again == (exported.folder / "model.onnx").read_bytes()
+
+
+def test_the_training_run_gets_every_forms_measurements(exported):
+    run = exported.run()
     assert run.info.status == "FINISHED"
-    benchmark = mlflow.artifacts.load_dict(f"runs:/{trained.run_id}/export/benchmark.json")
+    uri = f"runs:/{exported.run_id}/export/benchmark.json"
+    benchmark = mlflow.artifacts.load_dict(uri)
     assert set(benchmark["forms"]["int8"]) == set(FIGURES)
     for form in ("torch", "onnx", "int8"):
         assert {f"export/{form}/{k}" for k in FIGURES} <= set(run.data.metrics)
+
+
+def test_both_forms_are_logged_models_with_their_test_accuracy(exported):
+    run, variant = exported.run(), exported.variant
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{trained.run_id}'",
+        filter_string=f"source_run_id = '{exported.run_id}'",
         output_format="list",
     )
     by_name = {m.name: m for m in models}
