@@ -4,6 +4,8 @@ proxied into a temporary folder). Training logs to it over HTTP, the model loads
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -20,6 +22,7 @@ import pytest
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
+from tests.conftest import tiny_project
 from tests.helpers import free_port, serving
 
 
@@ -95,50 +98,95 @@ def test_training_logs_over_http_and_the_model_loads_back(server, remote, monkey
     assert np.allclose(np.asarray(champion.predict(batch)).sum(axis=1), 1, atol=1e-5)
 
 
-def test_compare_shows_two_hosts_as_two_column_groups(remote, monkeypatch, capsys, tmp_path):
-    train_as("cpu-laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
-    assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
-    train_as("gpu-box", "ffn1_relu", monkeypatch=monkeypatch)  # device auto: CUDA where there is
-    train_as("gpu-box", "logistic_regression", monkeypatch=monkeypatch)
-    assert main(["evaluate", "--variant", "logistic_regression"]) == 0
-    capsys.readouterr()
+@dataclass(frozen=True)
+class TwoHosts:
+    """Runs from two hosts on the server (the laptop: ffn1_relu trained and evaluated; the
+    gpu-box: ffn1_relu trained, logistic_regression trained and evaluated), then `compare` with
+    every output; its groups are (laptop, box)."""
 
-    params = load_params(remote / "params.yaml")
-    out = tmp_path / "out"
-    table = compare(
-        params,
-        remote,
-        csv_path=out / "compare.csv",
-        markdown_path=out / "compare.md",
-        chart_path=out / "compare.png",
-    )
-    printed = capsys.readouterr().out
+    root: Path
+    table: pd.DataFrame
+    printed: str
+    out: Path
 
-    groups = list(table.columns.get_level_values(0).unique())
-    assert len(groups) == 2
-    laptop, box = sorted(groups, key=lambda g: not g.startswith("cpu-laptop"))
+    @property
+    def groups(self) -> tuple[str, str]:
+        found = self.table.columns.get_level_values(0).unique()
+        laptop, box = sorted(found, key=lambda g: not g.startswith("cpu-laptop"))
+        return laptop, box
+
+
+@pytest.fixture(scope="module")
+def two_hosts(server, tiny_mirror, tmp_path_factory) -> Iterator[TwoHosts]:
+    base = tmp_path_factory.mktemp("two-hosts")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = tiny_project(monkeypatch, tiny_mirror, base / "project", data=True)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-two-hosts")
+        train_as("cpu-laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
+        assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
+        train_as("gpu-box", "ffn1_relu", monkeypatch=monkeypatch)  # auto: CUDA where there is
+        train_as("gpu-box", "logistic_regression", monkeypatch=monkeypatch)
+        assert main(["evaluate", "--variant", "logistic_regression"]) == 0
+        out = base / "out"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            table = compare(
+                load_params(root / "params.yaml"),
+                root,
+                csv_path=out / "compare.csv",
+                markdown_path=out / "compare.md",
+                chart_path=out / "compare.png",
+            )
+        print(printed.getvalue())  # what the user saw; `pytest -rP` shows it
+        yield TwoHosts(root, table, printed.getvalue(), out)
+    mlflow.set_tracking_uri(None)  # the server goes away; leave no process-wide pointer to it
+
+
+def test_compare_shows_two_hosts_as_two_column_groups(two_hosts):
+    laptop, box = two_hosts.groups
+    assert len(two_hosts.table.columns.get_level_values(0).unique()) == 2
     assert laptop == "cpu-laptop · cpu" and box.startswith("gpu-box · ")
-    assert list(table.index) == ["logistic_regression", "ffn1_relu"]  # the registry's order
+    assert laptop in two_hosts.printed and box in two_hosts.printed
+
+
+def test_compare_lists_the_variants_in_the_registrys_order(two_hosts):
+    assert list(two_hosts.table.index) == ["logistic_regression", "ffn1_relu"]
+
+
+def test_compare_shows_each_hosts_own_figures(two_hosts):
+    table, (laptop, box) = two_hosts.table, two_hosts.groups
     assert table.loc["ffn1_relu", (laptop, "test/accuracy")] > 0.5
-    # gpu-box's ffn1_relu was not evaluated: on a CPU it wrote the laptop's checkpoint, byte for
-    # byte, and shares its accuracy; on a GPU its own checkpoint has none yet
+    assert pd.isna(table.loc["logistic_regression", (laptop, "time/median_epoch_seconds")])
+    assert table.loc["logistic_regression", (box, "time/median_samples_per_second")] > 0
+
+
+def test_a_checkpoint_trained_twice_shares_its_accuracy(two_hosts):
+    """gpu-box's ffn1_relu was not evaluated: on a CPU it wrote the laptop's checkpoint, byte
+    for byte, and shares its accuracy; on a GPU its own checkpoint has none yet."""
+    table, (laptop, box) = two_hosts.table, two_hosts.groups
     box_accuracy = table.loc["ffn1_relu", (box, "test/accuracy")]
     if box.endswith(" · cpu"):
         assert box_accuracy == table.loc["ffn1_relu", (laptop, "test/accuracy")]
     else:
         assert pd.isna(box_accuracy)
-    assert pd.isna(table.loc["logistic_regression", (laptop, "time/median_epoch_seconds")])
-    assert table.loc["logistic_regression", (box, "time/median_samples_per_second")] > 0
-    assert laptop in printed and box in printed
 
-    csv = pd.read_csv(out / "compare.csv", index_col=0)
+
+def test_compare_writes_csv_markdown_and_a_chart(two_hosts):
+    laptop, box = two_hosts.groups
+    csv = pd.read_csv(two_hosts.out / "compare.csv", index_col=0)
     assert f"{laptop}: test/accuracy" in csv.columns and f"{box}: test/accuracy" in csv.columns
-    assert (out / "compare.md").read_text().count("\n| ") == 3  # header and two variants
-    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (two_hosts.out / "compare.md").read_text().count("\n| ") == 3  # header, 2 variants
+    assert (two_hosts.out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_compare_keeps_the_hosts_asked_for(two_hosts, server, monkeypatch, capsys):
+    monkeypatch.setenv("MNIST_PIPELINE_ROOT", str(two_hosts.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-two-hosts")
     assert main(["compare", "--hosts", "gpu-box"]) == 0
-    assert "cpu-laptop" not in capsys.readouterr().out
-    print(printed)  # what the user saw; `pytest -rP` shows it
+    printed = capsys.readouterr().out
+    assert "gpu-box" in printed and "cpu-laptop" not in printed
 
 
 def store_counts(client, experiment_id: str, registered: str) -> dict[str, int]:
