@@ -35,7 +35,7 @@ from mnist_pipeline.errors import PipelineError, first_line
 if TYPE_CHECKING:
     from mnist_pipeline.config import DataConfig, Params
 
-CHECKPOINT_TAG = tracking.CHECKPOINT_TAG  # set last: the training record is complete
+CHECKPOINT_TAG = "checkpoint.md5"  # set last: the training record is complete
 EVALUATION_TAG = "record.evaluation"  # digest of the evaluation outputs recorded
 EXPORT_TAG = "record.export"  # digest of the export outputs recorded
 SOURCE_TAG = "record.source"  # "live" (timed as it ran) or "outputs" (rebuilt from DVC outputs)
@@ -52,18 +52,13 @@ EVALUATION_STEP, EXPORT_STEP = 1, 0
 
 @dataclass(frozen=True)
 class Store:
-    """A tracking store, reachable, with the data set's experiment in it."""
+    """A tracking store, reachable, with the data set's experiment in it: `mlflow`'s current
+    one from here on, which every `tracking.client()` reaches."""
 
     uri: str
     experiment_id: str
     dataset: str
     root: Path
-
-    @functools.cached_property
-    def client(self):
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=self.uri)
 
 
 def open_store(root: Path, dataset: str) -> Store:
@@ -108,14 +103,14 @@ def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bo
 
 @contextlib.contextmanager
 def started_run(
-    store: Store,
+    experiment_id: str,
     *,
-    variant: str,
+    name: str,
     tags: dict,
     system_metrics: bool = False,
     parent_run_id: str | None = None,
 ):
-    """A new run of `variant`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
+    """A new run `name`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
     A store that fails at the end is a warning: what matters is saved locally. Its parent is
     `parent_run_id`, else the run `mlflow run` started, if any."""
     import mlflow
@@ -126,8 +121,8 @@ def started_run(
             mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
     run = mlflow.start_run(
-        experiment_id=store.experiment_id,
-        run_name=tracking.run_name(variant),
+        experiment_id=experiment_id,
+        run_name=name,
         tags=tags,
         parent_run_id=parent_run_id or _parent_run_id(),
         log_system_metrics=system_metrics,
@@ -255,7 +250,8 @@ def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, de
         "data.checksum": checksum,
         tracking.NOTE_TAG: note,
     }
-    with started_run(store, variant=training.variant, tags=tags, system_metrics=live) as run:
+    name = tracking.run_name(training.variant)
+    with started_run(store.experiment_id, name=name, tags=tags, system_metrics=live) as run:
         yield run
 
 
@@ -290,7 +286,8 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
     model = training.checkpoint[0]
     history = read_history(training.outputs.history)
     kept_epoch = training.checkpoint[1].get("epoch")
-    tracking.client().log_text(run_id, summary_text(model), "model_summary.txt")
+    client = tracking.client()
+    client.log_text(run_id, summary_text(model), "model_summary.txt")
     if live is None:  # a live run logged each epoch as it went
         live = EpochLogger()
         for epoch, row in history.items():
@@ -313,7 +310,7 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
             model_id=model_id,
             dataset=training.datasets()["validation"],
         )
-    tracking.client().set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
+    client.set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
     return model_id
 
 
@@ -364,7 +361,7 @@ def record_evaluation(store: Store, run, training: Training) -> str:
     from mnist_pipeline import metrics, registry
     from mnist_pipeline.dataset import FILES, read_idx
 
-    outputs, client = training.outputs, store.client
+    outputs, client = training.outputs, tracking.client()
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
     written = json.loads(outputs.test_metrics.read_text())
@@ -457,9 +454,10 @@ def record_export(store: Store, run, training: Training, live: dict | None = Non
             model_id=model_id,
             dataset=test_set,
         )
+    client = tracking.client()
     if live:
-        store.client.log_dict(run_id, live, "export/benchmark.json")
-    store.client.set_tag(run_id, EXPORT_TAG, export_digest(outputs))
+        client.log_dict(run_id, live, "export/benchmark.json")
+    client.set_tag(run_id, EXPORT_TAG, export_digest(outputs))
     return "latencies recorded" if recorded else f"logged models {training.variant}-onnx, -int8"
 
 
@@ -521,7 +519,7 @@ def agree(store: Store, training: Training, *, parts=PARTS, live_export=None) ->
         )
         if part in parts and value is not None
     }
-    runs = tracking.training_runs(store.client, store.experiment_id, md5)
+    runs = training_runs(store.experiment_id, md5)
     complete = [r for r in runs if all(r.data.tags.get(t) == v for t, v in wanted.items())]
     if complete and live_export is None:
         return []
@@ -554,7 +552,20 @@ def rebuild(store: Store, training: Training):
             extra={"num_params": count_parameters(training.checkpoint[0])},
         )
         record_training(run.info.run_id, training)
-    return store.client.get_run(run.info.run_id)
+    return tracking.client().get_run(run.info.run_id)
+
+
+def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
+    """The completely logged runs that trained a checkpoint with these bytes: this host's first,
+    then the newest. Two CPU hosts with one recipe write the same bytes, and each host's record
+    belongs in its own run."""
+    runs = tracking.client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return sorted(runs, key=lambda run: run.data.tags.get("host") != tracking.host_label())
 
 
 # --- sync: every variant's outputs, at the end of each `dvc repro` ---------------------------
@@ -585,7 +596,7 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
         changed += bool(done)
         for line in done:
             print(f"{training.variant}: {line}")
-    store.client.set_experiment_tag(store.experiment_id, RECEIPT_TAG, fingerprint)
+    tracking.client().set_experiment_tag(store.experiment_id, RECEIPT_TAG, fingerprint)
     print(f"sync: {uri} agrees with the outputs of {len(trainings)} variants ({changed} recorded)")
     return changed
 
@@ -650,9 +661,9 @@ def search_run(store: Store, variant: str, description: dict[str, str]):
 
     tags = run_tags(store, variant=variant, device=("ray", "cluster"), one_off=True)
     tags[tracking.RUN_KIND_TAG] = SEARCH_KIND
-    with started_run(store, variant=variant, tags=tags) as run:
+    with started_run(store.experiment_id, name=tracking.run_name(variant), tags=tags) as run:
         params = [Param(k, v) for k, v in description.items()]
-        store.client.log_batch(run.info.run_id, params=params)
+        tracking.client().log_batch(run.info.run_id, params=params)
         yield run
 
 
@@ -663,11 +674,9 @@ def trial_run(tracking_uri: str, *, experiment_id: str, parent_run_id: str, name
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    store = Store(uri=tracking_uri, experiment_id=experiment_id, dataset="", root=Path("."))
     with started_run(
-        store, variant=name, tags=tags, system_metrics=True, parent_run_id=parent_run_id
+        experiment_id, name=name, tags=tags, system_metrics=True, parent_run_id=parent_run_id
     ) as run:
-        mlflow.set_tag("mlflow.runName", name)
         yield run
 
 
@@ -677,14 +686,10 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
         tracking.client().set_tag(run_id, f"{OUTCOME_TAG}.note", first_line(note, limit=400))
 
 
-def end_trial_run(
-    tracking_uri: str, experiment_id: str, trial_id: str, how: tuple[str, str]
-) -> str:
+def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
     """End the runs of trial `trial_id` still RUNNING (their process stopped, or died, before it
     could) with `how` = (outcome, status); return the outcome of its latest run."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client()
     runs = client.search_runs(
         [experiment_id],
         f"tags.`{TRIAL_TAG}` = '{trial_id}'",
@@ -701,28 +706,22 @@ def end_trial_run(
     return latest.data.tags.get(OUTCOME_TAG, how[0])
 
 
-def end_running_trials(tracking_uri: str, parent_run_id: str, how: tuple[str, str]) -> None:
+def end_running_trials(experiment_id: str, parent_run_id: str, how: tuple[str, str]) -> None:
     """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
+    client = tracking.client()
+    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running):
         client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
         client.set_terminated(run.info.run_id, how[1])
 
 
-def log_trial_model(tracking_uri: str, run_id: str, model, variant: str, recipe: dict) -> str:
+def log_trial_model(run_id: str, model, variant: str, recipe: dict) -> str:
     """The best trial's kept weights as a logged model on its run; the run keeps its status."""
     import mlflow
 
     from mnist_pipeline.logged_model import log_model
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client()
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id, nested=True):
         model_id = log_model(model, variant, params={"variant": variant, **recipe})

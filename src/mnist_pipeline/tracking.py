@@ -254,11 +254,10 @@ def client():
     return mlflow.MlflowClient()
 
 
-# --- what the MLflow UI shows: run names, datasets, descriptions, the run a checkpoint came from --
+# --- what the MLflow UI shows: run names, datasets, descriptions, logged models ---------------
 
 NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
 RUN_KIND_TAG = "run.kind"  # "pipeline" (the params.yaml recipe) or "one-off" (CLI overrides)
-CHECKPOINT_TAG = "checkpoint.md5"  # set once a training run is completely logged
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens the experiment on
 
 
@@ -363,19 +362,6 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
         # store's unique key refuses one: the other's tag is there, and this is cosmetic.
         with contextlib.suppress(MlflowException):
             client().set_experiment_tag(experiment_id, key, value)
-
-
-def training_runs(client, experiment_id: str, checkpoint_md5: str) -> list:
-    """The completely logged runs that trained a checkpoint with these bytes: this host's first,
-    then the newest. Two CPU hosts with one recipe write the same bytes, and each host's record
-    belongs in its own run."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return sorted(runs, key=lambda run: run.data.tags.get("host") != host_label())
 
 
 def logged_model_id(run, name: str) -> str | None:

@@ -210,11 +210,13 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
             tags=record.trial_tags(store, variant=variant),
             data_digest=tensor_digest(data),
         )
-        outcomes = _trial_outcomes(store.uri, store.experiment_id)
+        outcomes = _trial_outcomes(store.experiment_id)
         grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
         interrupted = sum(outcomes.counts.values()) < options.samples
         if interrupted:  # the trials Tune left running are ended; the finished ones stay
-            record.end_running_trials(store.uri, parent.info.run_id, ("interrupted", "KILLED"))
+            record.end_running_trials(
+                store.experiment_id, parent.info.run_id, ("interrupted", "KILLED")
+            )
         try:
             result = _conclude(grid, job, outcomes, parent.info.run_id)
         except PipelineError:
@@ -345,7 +347,7 @@ def _tuner(
     )
 
 
-def _trial_outcomes(tracking_uri: str, experiment_id: str):
+def _trial_outcomes(experiment_id: str):
     """A Tune callback on the driver: what became of each trial, in its MLflow run. A trial that
     ASHA stopped, or whose node died, never gets to end its own run: it is ended here."""
     from ray import tune as ray_tune
@@ -367,7 +369,7 @@ def _trial_outcomes(tracking_uri: str, experiment_id: str):
 
         def _end(self, trial, how: tuple[str, str], count: bool = True) -> None:
             try:
-                outcome = record.end_trial_run(tracking_uri, experiment_id, trial.trial_id, how)
+                outcome = record.end_trial_run(experiment_id, trial.trial_id, how)
             except Exception as err:  # the store: the search goes on
                 print(
                     f"warning: could not end trial {trial.trial_id}'s run: {err}", file=sys.stderr
@@ -401,7 +403,6 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
         with checkpoint.as_directory() as folder:
             model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu"))
         model_id = record.log_trial_model(
-            job.tracking_uri,
             result.metrics[RUN_ID_KEY],
             model,
             job.variant,
