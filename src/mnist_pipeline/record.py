@@ -83,12 +83,18 @@ def _parent_run_id() -> str | None:
 
 
 def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bool) -> dict:
-    """The tags every run of a variant carries: what, where, from which code, data and
-    experiment. `device` is (type, model name)."""
-    tags = tracking.machine_tags(store.root) | {
+    """The tags every run of a variant carries: where it ran (`device` is (type, model name)),
+    and the `shared_tags`."""
+    where = {"device": device[0], "device.name": device[1]}
+    return tracking.machine_tags() | where | shared_tags(store, variant=variant, one_off=one_off)
+
+
+def shared_tags(store: Store, *, variant: str, one_off: bool) -> dict[str, str]:
+    """The tags of a variant's run that do not depend on the machine: what, from which code,
+    data and experiment. A search's trials take the driver's: a node has no project."""
+    tags = {
         "variant": variant,
-        "device": device[0],
-        "device.name": device[1],
+        "git.commit": tracking.git_commit(store.root),
         "data.dataset": store.dataset,
         tracking.RUN_KIND_TAG: "one-off" if one_off else "pipeline",
     }
@@ -99,6 +105,25 @@ def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bo
         tags[EXP_NAME_TAG] = name
         tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
     return tags
+
+
+def run_description(tags: dict, recipe: dict, checksum: str) -> str:
+    """The run's description (Markdown, shown on its page), from its tags: variant, recipe,
+    data, commit, and the DVC experiment it belongs to (with how to bring it into the
+    workspace)."""
+    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
+    text = (
+        f"**{tags['variant']}** on host `{tags['host']}`.\n\n"
+        f"Recipe: {shown}.\n\n"
+        f"Data: {tags['data.dataset']} (checksum `{checksum[:12]}`); "
+        f"code: commit `{tags['git.commit'][:12]}`."
+    )
+    if name := tags.get(EXP_NAME_TAG):
+        text += (
+            f"\n\nDVC experiment `{name}` on baseline commit `{tags[EXP_BASELINE_TAG][:7]}`: "
+            f"`dvc exp show` lists it, `dvc exp apply {name}` brings it into the workspace."
+        )
+    return text
 
 
 @contextlib.contextmanager
@@ -242,7 +267,7 @@ def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, de
     live = device is not None
     where = (device.type, device_name(device)) if live else ("unknown", "unknown")
     tags = run_tags(store, variant=training.variant, device=where, one_off=training.outputs.one_off)
-    note = tracking.run_description(training.variant, recipe, store.dataset, checksum, store.root)
+    note = run_description(tags, recipe, checksum)
     if not live:
         note += "\n\nRebuilt from the pipeline's outputs by `mnist-pipeline sync`: no timings."
     tags |= {
@@ -644,14 +669,6 @@ def _receipt(uri: str, experiment: str) -> str | None:
 OUTCOME_TAG = "tune.outcome"  # completed | stopped-early | diverged | failed | retried
 TRIAL_TAG = "tune.trial_id"
 SEARCH_KIND = "search"  # the run.kind of a search's parent run
-_NODE_TAGS = ("host", "hostname", "cpu.model", "platform", "torch.version", "cuda.version")
-
-
-def trial_tags(store: Store, *, variant: str) -> dict[str, str]:
-    """The tags a search's trials share, made on the driver (code version, data set, variant,
-    one-off); each trial adds its own node's (host, device, Ray node id)."""
-    tags = run_tags(store, variant=variant, device=("", ""), one_off=True)
-    return {k: v for k, v in tags.items() if k not in (*_NODE_TAGS, "device", "device.name")}
 
 
 @contextlib.contextmanager

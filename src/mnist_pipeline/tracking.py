@@ -231,8 +231,8 @@ def git_commit(root: Path) -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def machine_tags(root: Path) -> dict[str, str]:
-    """What describes the machine and the code a run ran on."""
+def machine_tags() -> dict[str, str]:
+    """What describes the machine a run ran on (on a cluster: its node)."""
     import torch
 
     return {
@@ -241,7 +241,6 @@ def machine_tags(root: Path) -> dict[str, str]:
         "cpu.model": cpu_model(),
         "torch.version": torch.__version__,
         "cuda.version": torch.version.cuda or "none",
-        "git.commit": git_commit(root),
         "platform": platform.platform(),
     }
 
@@ -317,24 +316,6 @@ def log_datasets(client, run_id: str, found: dict) -> None:
             if attempt == 3 or not any(key in str(err) for key in _DUPLICATE_KEY):
                 raise
             time.sleep(0.1 * attempt)
-
-
-def run_description(variant: str, recipe: dict, dataset: str, checksum: str, root: Path) -> str:
-    """The run's description (Markdown, shown on its page): variant, recipe, data, commit, and
-    the DVC experiment it belongs to (with how to bring it into the workspace)."""
-    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
-    text = (
-        f"**{variant}** on host `{host_label()}`.\n\n"
-        f"Recipe: {shown}.\n\n"
-        f"Data: {dataset} (checksum `{checksum[:12]}`); code: commit `{git_commit(root)[:12]}`."
-    )
-    if name := os.environ.get("DVC_EXP_NAME"):
-        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")[:7]
-        text += (
-            f"\n\nDVC experiment `{name}` on baseline commit `{baseline}`: `dvc exp show` "
-            f"lists it, `dvc exp apply {name}` brings it into the workspace."
-        )
-    return text
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:

@@ -58,7 +58,6 @@ class TrialJob:
 
     variant: str
     params: Params
-    root: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -101,7 +100,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     import ray
     from ray import tune as ray_tune
 
-    from mnist_pipeline.device import resolve_device
+    from mnist_pipeline.device import device_name, resolve_device
     from mnist_pipeline.train import Diverged, fit, set_up
 
     if tensor_digest(data) != job.data_digest:
@@ -110,14 +109,21 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     recipe = recipe_for(params, job.variant, config)
     device = resolve_device(settings.device)
     setup = set_up(job.variant, recipe, settings, data, device)
-    node = ray.get_runtime_context().get_node_id()
     trial_id = ray_tune.get_context().get_trial_id()
+    tags = {
+        **tracking.machine_tags(),  # this node's host, CPU, torch
+        **job.tags,  # the driver's: variant, data set, code version, run kind
+        "device": device.type,
+        "device.name": device_name(device),
+        NODE_TAG: ray.get_runtime_context().get_node_id(),
+        record.TRIAL_TAG: trial_id,
+    }
     with record.trial_run(
         job.tracking_uri,
         experiment_id=job.experiment_id,
         parent_run_id=job.parent_run_id,
         name=f"{job.variant}-{trial_id}",
-        tags=_trial_tags(job, device, node=node, trial_id=trial_id),
+        tags=tags,
     ) as run:
         values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
         record.log_recipe(
@@ -133,19 +139,6 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
             raise record.EndRun("FAILED") from None
         record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
         record.set_outcome(run.info.run_id, "completed")
-
-
-def _trial_tags(job: TrialJob, device, *, node: str, trial_id: str) -> dict[str, str]:
-    from mnist_pipeline.device import device_name
-
-    return {
-        **tracking.machine_tags(Path(job.root)),  # this node's host, CPU, torch
-        **job.tags,  # the driver's: variant, data set, code version, run kind
-        "device": device.type,
-        "device.name": device_name(device),
-        NODE_TAG: node,
-        record.TRIAL_TAG: trial_id,
-    }
 
 
 @dataclass
@@ -203,11 +196,10 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
         job = TrialJob(
             variant=variant,
             params=params,
-            root=str(root),
             tracking_uri=store.uri,
             experiment_id=store.experiment_id,
             parent_run_id=parent.info.run_id,
-            tags=record.trial_tags(store, variant=variant),
+            tags=record.shared_tags(store, variant=variant, one_off=True),
             data_digest=tensor_digest(data),
         )
         outcomes = _trial_outcomes(store.experiment_id)
