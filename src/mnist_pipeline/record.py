@@ -684,19 +684,6 @@ def search_run(store: Store, variant: str, description: dict[str, str]):
         yield run
 
 
-@contextlib.contextmanager
-def trial_run(tracking_uri: str, *, experiment_id: str, parent_run_id: str, name: str, tags: dict):
-    """A trial's run, a child of `parent_run_id`, on the store at `tracking_uri`: given
-    explicitly, as a worker on another node has no project and must not fall back to ./mlruns."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    with started_run(
-        experiment_id, name=name, tags=tags, system_metrics=True, parent_run_id=parent_run_id
-    ) as run:
-        yield run
-
-
 def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
     tracking.client().set_tag(run_id, OUTCOME_TAG, outcome)
     if note:

@@ -58,7 +58,6 @@ class TrialJob:
 
     variant: str
     params: Params
-    tracking_uri: str
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
@@ -118,12 +117,13 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
         NODE_TAG: ray.get_runtime_context().get_node_id(),
         record.TRIAL_TAG: trial_id,
     }
-    with record.trial_run(
-        job.tracking_uri,
-        experiment_id=job.experiment_id,
-        parent_run_id=job.parent_run_id,
+    # A child of the search's run, on the store _ray named in every worker's environment.
+    with record.started_run(
+        job.experiment_id,
         name=f"{job.variant}-{trial_id}",
         tags=tags,
+        system_metrics=True,
+        parent_run_id=job.parent_run_id,
     ) as run:
         values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
         record.log_recipe(
@@ -196,7 +196,6 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
         job = TrialJob(
             variant=variant,
             params=params,
-            tracking_uri=store.uri,
             experiment_id=store.experiment_id,
             parent_run_id=parent.info.run_id,
             tags=record.shared_tags(store, variant=variant, one_off=True),
@@ -236,8 +235,8 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
 @contextlib.contextmanager
 def _ray(options: TuneOptions, tracking_uri: str) -> Iterator[None]:
     """Join the cluster at --address (or RAY_ADDRESS), else start Ray on this machine; leave
-    it (or stop it) at the end. Every worker gets the tracking URI in its environment, so
-    nothing falls back to a local ./mlruns."""
+    it (or stop it) at the end. Every worker gets the tracking URI in its environment: a worker
+    on another node has no project, and must not fall back to ./mlruns."""
     import ray
 
     address = options.address or os.environ.get("RAY_ADDRESS") or None
