@@ -217,8 +217,7 @@ class Training:
     data: DataConfig
 
     @property
-    def checksum(self) -> str:
-        """The content checksum of the data set the checkpoint was trained on."""
+    def checksum(self) -> str:  # of the data set the checkpoint was trained on
         return self.checkpoint[1].get("data_checksum", "unknown")
 
     @functools.cached_property
@@ -229,7 +228,6 @@ class Training:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        """The recipe and training settings the checkpoint was made with."""
         meta = self.checkpoint[1]
         return {**meta["recipe"], **meta.get("train", {})}
 
@@ -257,7 +255,6 @@ def log_recipe(
     tracking.log_datasets(client, run_id, {c: inputs[c] for c in used})
 
 
-@contextlib.contextmanager
 def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, device=None):
     """A new run for `training` with `recipe`, on data of content `checksum`: live (timed, with
     system metrics) on a `torch.device`, or rebuilt from the outputs (`device` None: no timings,
@@ -270,14 +267,10 @@ def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, de
     note = run_description(tags, recipe, checksum)
     if not live:
         note += "\n\nRebuilt from the pipeline's outputs by `mnist-pipeline sync`: no timings."
-    tags |= {
-        SOURCE_TAG: "live" if live else "outputs",
-        "data.checksum": checksum,
-        tracking.NOTE_TAG: note,
-    }
+    tags |= {SOURCE_TAG: "live" if live else "outputs", "data.checksum": checksum}
+    tags[tracking.NOTE_TAG] = note
     name = tracking.run_name(training.variant)
-    with started_run(store.experiment_id, name=name, tags=tags, system_metrics=live) as run:
-        yield run
+    return started_run(store.experiment_id, name=name, tags=tags, system_metrics=live)
 
 
 def log_timings(history: list[dict[str, float]]) -> None:
@@ -308,20 +301,19 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
     from mnist_pipeline.logged_model import log_model
     from mnist_pipeline.models import summary_text
 
-    model = training.checkpoint[0]
-    history = read_history(training.outputs.history)
-    kept_epoch = training.checkpoint[1].get("epoch")
+    model, meta = training.checkpoint
+    kept_epoch = meta.get("epoch")
     client = tracking.client()
     client.log_text(run_id, summary_text(model), "model_summary.txt")
     if live is None:  # a live run logged each epoch as it went
         live = EpochLogger()
-        for epoch, row in history.items():
+        for epoch, row in read_history(training.outputs.history).items():
             live(row, epoch)
         if live.error is not None:
             raise PipelineError(f"{training.variant}: could not record the history ({live.error})")
     if kept_epoch is not None:
         mlflow.log_metric("kept_epoch", kept_epoch, run_id=run_id)
-    recipe = training.checkpoint[1]["recipe"]
+    recipe = meta["recipe"]
     model_id = log_model(model, training.variant, params={"variant": training.variant, **recipe})
     kept = live.rows.get(kept_epoch, {})
     if "val/accuracy" in kept:
@@ -357,7 +349,7 @@ def read_history(path: Path) -> dict[int, dict[str, float]]:
 
 def digest(*files: Path | None) -> str | None:
     """One MD5 for a set of output files; None when one of them is missing (not made yet)."""
-    if not files or any(f is None or not f.is_file() for f in files):
+    if any(f is None or not f.is_file() for f in files):
         return None
     return hashlib.md5("".join(file_md5(f) for f in files).encode()).hexdigest()
 
@@ -369,8 +361,7 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 def export_digest(outputs: paths.Outputs) -> str | None:
     if outputs.export_dir is None:
         return None
-    forms = [outputs.export_dir / EXPORT_FILES[form] for form in EXPORT_FILES]
-    return digest(outputs.export_metrics, *forms)
+    return digest(outputs.export_metrics, *(outputs.export_dir / f for f in EXPORT_FILES.values()))
 
 
 EXPORT_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
@@ -383,7 +374,7 @@ def record_evaluation(store: Store, run, training: Training) -> str:
     examples; a registered version. Returns a line saying what was done."""
     from mlflow.entities import Metric
 
-    from mnist_pipeline import metrics, registry
+    from mnist_pipeline import metrics, plots, registry
     from mnist_pipeline.dataset import FILES, read_idx
 
     outputs, client = training.outputs, tracking.client()
@@ -396,27 +387,23 @@ def record_evaluation(store: Store, run, training: Training) -> str:
     model_id = tracking.logged_model_id(run, training.variant)
     now = int(time.time() * 1000)
     shown = {k: round(v, 6) for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
-    client.log_batch(
-        run.info.run_id,
-        metrics=[
-            Metric(
-                k,
-                v,
-                now,
-                EVALUATION_STEP,
-                model_id=model_id,
-                dataset_name=test_set.name,
-                dataset_digest=test_set.digest,
-            )
-            for k, v in shown.items()
-        ],
-    )
+    linked = {
+        "model_id": model_id,
+        "dataset_name": test_set.name,
+        "dataset_digest": test_set.digest,
+    }
+    logged = [Metric(k, v, now, EVALUATION_STEP, **linked) for k, v in shown.items()]
+    client.log_batch(run.info.run_id, metrics=logged)
     images = read_idx(paths.data_dir(store.root, store.dataset) / FILES[2])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "evaluation"
-        folder.mkdir()
-        _evaluation_files(folder, figures, cm, (images, y, pred), training.variant)
-        client.log_artifacts(run.info.run_id, str(folder), artifact_path="evaluation")
+        folder = Path(tmp)
+        (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
+        (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
+        rows = (",".join(str(v) for v in row) for row in cm.tolist())
+        (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
+        plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=training.variant)
+        plots.misclassified(images, y, pred, folder / "misclassified.png", title=training.variant)
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="evaluation")
     line = "evaluation recorded"
     if model_id is not None:
         accuracy = figures["test/accuracy"]
@@ -430,17 +417,6 @@ def record_evaluation(store: Store, run, training: Training) -> str:
         )
     client.set_tag(run.info.run_id, EVALUATION_TAG, evaluation_digest(outputs))
     return line
-
-
-def _evaluation_files(folder: Path, figures: dict, cm, examples: tuple, variant: str) -> None:
-    from mnist_pipeline import metrics, plots
-
-    (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
-    (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
-    rows = (",".join(str(v) for v in row) for row in cm.tolist())
-    (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
-    plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=variant)
-    plots.misclassified(*examples, folder / "misclassified.png", title=variant)
 
 
 # --- the export record ----------------------------------------------------------------------
