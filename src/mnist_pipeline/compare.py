@@ -71,10 +71,8 @@ def compare(
     where = f"experiment {name!r} at {uri}"
     if dvc_exp:
         runs = beside_baseline(runs, dvc_exp, where)
-    runs = _keep(
-        runs, "variant", variants, where, f"no finished runs of {', '.join(variants or [])}"
-    )
-    runs = _keep(runs, "host", hosts, where, f"no runs from host {', '.join(hosts or [])}")
+    runs = _keep(runs, "variant", variants, where, "no finished runs of")
+    runs = _keep(runs, "host", hosts, where, "no runs from host")
     if runs.empty:
         raise PipelineError(f"{where} holds only one-off runs ({skipped}); add --one-off")
     table = pivot(runs, latest_only)
@@ -96,6 +94,7 @@ def _keep(runs: pd.DataFrame, column: str, wanted, where: str, missing: str) -> 
     kept = runs[runs[column].isin(wanted)]
     if kept.empty:
         present = ", ".join(sorted(runs[column].dropna().unique()))
+        missing += " " + ", ".join(wanted)
         raise PipelineError(f"{where} has {missing} ({column}s there: {present})")
     return kept
 

@@ -35,7 +35,7 @@ from mnist_pipeline.errors import PipelineError, first_line
 if TYPE_CHECKING:
     from mnist_pipeline.config import DataConfig, Params
 
-CHECKPOINT_TAG = tracking.CHECKPOINT_TAG  # set last: the training record is complete
+CHECKPOINT_TAG = "checkpoint.md5"  # set last: the training record is complete
 EVALUATION_TAG = "record.evaluation"  # digest of the evaluation outputs recorded
 EXPORT_TAG = "record.export"  # digest of the export outputs recorded
 SOURCE_TAG = "record.source"  # "live" (timed as it ran) or "outputs" (rebuilt from DVC outputs)
@@ -52,18 +52,13 @@ EVALUATION_STEP, EXPORT_STEP = 1, 0
 
 @dataclass(frozen=True)
 class Store:
-    """A tracking store, reachable, with the data set's experiment in it."""
+    """A tracking store, reachable, with the data set's experiment in it: `mlflow`'s current
+    one from here on, which every `tracking.client()` reaches."""
 
     uri: str
     experiment_id: str
     dataset: str
     root: Path
-
-    @functools.cached_property
-    def client(self):
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=self.uri)
 
 
 def open_store(root: Path, dataset: str) -> Store:
@@ -88,12 +83,18 @@ def _parent_run_id() -> str | None:
 
 
 def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bool) -> dict:
-    """The tags every run of a variant carries: what, where, from which code, data and
-    experiment. `device` is (type, model name)."""
-    tags = tracking.machine_tags(store.root) | {
+    """The tags every run of a variant carries: where it ran (`device` is (type, model name)),
+    and the `shared_tags`."""
+    where = {"device": device[0], "device.name": device[1]}
+    return tracking.machine_tags() | where | shared_tags(store, variant=variant, one_off=one_off)
+
+
+def shared_tags(store: Store, *, variant: str, one_off: bool) -> dict[str, str]:
+    """The tags of a variant's run that do not depend on the machine: what, from which code,
+    data and experiment. A search's trials take the driver's: a node has no project."""
+    tags = {
         "variant": variant,
-        "device": device[0],
-        "device.name": device[1],
+        "git.commit": tracking.git_commit(store.root),
         "data.dataset": store.dataset,
         tracking.RUN_KIND_TAG: "one-off" if one_off else "pipeline",
     }
@@ -106,16 +107,35 @@ def run_tags(store: Store, *, variant: str, device: tuple[str, str], one_off: bo
     return tags
 
 
+def run_description(tags: dict, recipe: dict, checksum: str) -> str:
+    """The run's description (Markdown, shown on its page), from its tags: variant, recipe,
+    data, commit, and the DVC experiment it belongs to (with how to bring it into the
+    workspace)."""
+    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
+    text = (
+        f"**{tags['variant']}** on host `{tags['host']}`.\n\n"
+        f"Recipe: {shown}.\n\n"
+        f"Data: {tags['data.dataset']} (checksum `{checksum[:12]}`); "
+        f"code: commit `{tags['git.commit'][:12]}`."
+    )
+    if name := tags.get(EXP_NAME_TAG):
+        text += (
+            f"\n\nDVC experiment `{name}` on baseline commit `{tags[EXP_BASELINE_TAG][:7]}`: "
+            f"`dvc exp show` lists it, `dvc exp apply {name}` brings it into the workspace."
+        )
+    return text
+
+
 @contextlib.contextmanager
 def started_run(
-    store: Store,
+    experiment_id: str,
     *,
-    variant: str,
+    name: str,
     tags: dict,
     system_metrics: bool = False,
     parent_run_id: str | None = None,
 ):
-    """A new run of `variant`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
+    """A new run `name`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
     A store that fails at the end is a warning: what matters is saved locally. Its parent is
     `parent_run_id`, else the run `mlflow run` started, if any."""
     import mlflow
@@ -126,8 +146,8 @@ def started_run(
             mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
     run = mlflow.start_run(
-        experiment_id=store.experiment_id,
-        run_name=tracking.run_name(variant),
+        experiment_id=experiment_id,
+        run_name=name,
         tags=tags,
         parent_run_id=parent_run_id or _parent_run_id(),
         log_system_metrics=system_metrics,
@@ -197,8 +217,7 @@ class Training:
     data: DataConfig
 
     @property
-    def checksum(self) -> str:
-        """The content checksum of the data set the checkpoint was trained on."""
+    def checksum(self) -> str:  # of the data set the checkpoint was trained on
         return self.checkpoint[1].get("data_checksum", "unknown")
 
     @functools.cached_property
@@ -209,7 +228,6 @@ class Training:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        """The recipe and training settings the checkpoint was made with."""
         meta = self.checkpoint[1]
         return {**meta["recipe"], **meta.get("train", {})}
 
@@ -237,7 +255,6 @@ def log_recipe(
     tracking.log_datasets(client, run_id, {c: inputs[c] for c in used})
 
 
-@contextlib.contextmanager
 def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, device=None):
     """A new run for `training` with `recipe`, on data of content `checksum`: live (timed, with
     system metrics) on a `torch.device`, or rebuilt from the outputs (`device` None: no timings,
@@ -247,16 +264,13 @@ def new_run(store: Store, training: Training, *, recipe: dict, checksum: str, de
     live = device is not None
     where = (device.type, device_name(device)) if live else ("unknown", "unknown")
     tags = run_tags(store, variant=training.variant, device=where, one_off=training.outputs.one_off)
-    note = tracking.run_description(training.variant, recipe, store.dataset, checksum, store.root)
+    note = run_description(tags, recipe, checksum)
     if not live:
         note += "\n\nRebuilt from the pipeline's outputs by `mnist-pipeline sync`: no timings."
-    tags |= {
-        SOURCE_TAG: "live" if live else "outputs",
-        "data.checksum": checksum,
-        tracking.NOTE_TAG: note,
-    }
-    with started_run(store, variant=training.variant, tags=tags, system_metrics=live) as run:
-        yield run
+    tags |= {SOURCE_TAG: "live" if live else "outputs", "data.checksum": checksum}
+    tags[tracking.NOTE_TAG] = note
+    name = tracking.run_name(training.variant)
+    return started_run(store.experiment_id, name=name, tags=tags, system_metrics=live)
 
 
 def log_timings(history: list[dict[str, float]]) -> None:
@@ -287,19 +301,19 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
     from mnist_pipeline.logged_model import log_model
     from mnist_pipeline.models import summary_text
 
-    model = training.checkpoint[0]
-    history = read_history(training.outputs.history)
-    kept_epoch = training.checkpoint[1].get("epoch")
-    tracking.client().log_text(run_id, summary_text(model), "model_summary.txt")
+    model, meta = training.checkpoint
+    kept_epoch = meta.get("epoch")
+    client = tracking.client()
+    client.log_text(run_id, summary_text(model), "model_summary.txt")
     if live is None:  # a live run logged each epoch as it went
         live = EpochLogger()
-        for epoch, row in history.items():
+        for epoch, row in read_history(training.outputs.history).items():
             live(row, epoch)
         if live.error is not None:
             raise PipelineError(f"{training.variant}: could not record the history ({live.error})")
     if kept_epoch is not None:
         mlflow.log_metric("kept_epoch", kept_epoch, run_id=run_id)
-    recipe = training.checkpoint[1]["recipe"]
+    recipe = meta["recipe"]
     model_id = log_model(model, training.variant, params={"variant": training.variant, **recipe})
     kept = live.rows.get(kept_epoch, {})
     if "val/accuracy" in kept:
@@ -313,7 +327,7 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
             model_id=model_id,
             dataset=training.datasets()["validation"],
         )
-    tracking.client().set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
+    client.set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
     return model_id
 
 
@@ -335,7 +349,7 @@ def read_history(path: Path) -> dict[int, dict[str, float]]:
 
 def digest(*files: Path | None) -> str | None:
     """One MD5 for a set of output files; None when one of them is missing (not made yet)."""
-    if not files or any(f is None or not f.is_file() for f in files):
+    if any(f is None or not f.is_file() for f in files):
         return None
     return hashlib.md5("".join(file_md5(f) for f in files).encode()).hexdigest()
 
@@ -347,8 +361,7 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 def export_digest(outputs: paths.Outputs) -> str | None:
     if outputs.export_dir is None:
         return None
-    forms = [outputs.export_dir / EXPORT_FILES[form] for form in EXPORT_FILES]
-    return digest(outputs.export_metrics, *forms)
+    return digest(outputs.export_metrics, *(outputs.export_dir / f for f in EXPORT_FILES.values()))
 
 
 EXPORT_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
@@ -361,10 +374,10 @@ def record_evaluation(store: Store, run, training: Training) -> str:
     examples; a registered version. Returns a line saying what was done."""
     from mlflow.entities import Metric
 
-    from mnist_pipeline import metrics, registry
+    from mnist_pipeline import metrics, plots, registry
     from mnist_pipeline.dataset import FILES, read_idx
 
-    outputs, client = training.outputs, store.client
+    outputs, client = training.outputs, tracking.client()
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
     written = json.loads(outputs.test_metrics.read_text())
@@ -374,27 +387,23 @@ def record_evaluation(store: Store, run, training: Training) -> str:
     model_id = tracking.logged_model_id(run, training.variant)
     now = int(time.time() * 1000)
     shown = {k: round(v, 6) for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
-    client.log_batch(
-        run.info.run_id,
-        metrics=[
-            Metric(
-                k,
-                v,
-                now,
-                EVALUATION_STEP,
-                model_id=model_id,
-                dataset_name=test_set.name,
-                dataset_digest=test_set.digest,
-            )
-            for k, v in shown.items()
-        ],
-    )
+    linked = {
+        "model_id": model_id,
+        "dataset_name": test_set.name,
+        "dataset_digest": test_set.digest,
+    }
+    logged = [Metric(k, v, now, EVALUATION_STEP, **linked) for k, v in shown.items()]
+    client.log_batch(run.info.run_id, metrics=logged)
     images = read_idx(paths.data_dir(store.root, store.dataset) / FILES[2])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "evaluation"
-        folder.mkdir()
-        _evaluation_files(folder, figures, cm, (images, y, pred), training.variant)
-        client.log_artifacts(run.info.run_id, str(folder), artifact_path="evaluation")
+        folder = Path(tmp)
+        (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
+        (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
+        rows = (",".join(str(v) for v in row) for row in cm.tolist())
+        (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
+        plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=training.variant)
+        plots.misclassified(images, y, pred, folder / "misclassified.png", title=training.variant)
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="evaluation")
     line = "evaluation recorded"
     if model_id is not None:
         accuracy = figures["test/accuracy"]
@@ -408,17 +417,6 @@ def record_evaluation(store: Store, run, training: Training) -> str:
         )
     client.set_tag(run.info.run_id, EVALUATION_TAG, evaluation_digest(outputs))
     return line
-
-
-def _evaluation_files(folder: Path, figures: dict, cm, examples: tuple, variant: str) -> None:
-    from mnist_pipeline import metrics, plots
-
-    (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
-    (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
-    rows = (",".join(str(v) for v in row) for row in cm.tolist())
-    (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
-    plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=variant)
-    plots.misclassified(*examples, folder / "misclassified.png", title=variant)
 
 
 # --- the export record ----------------------------------------------------------------------
@@ -457,9 +455,10 @@ def record_export(store: Store, run, training: Training, live: dict | None = Non
             model_id=model_id,
             dataset=test_set,
         )
+    client = tracking.client()
     if live:
-        store.client.log_dict(run_id, live, "export/benchmark.json")
-    store.client.set_tag(run_id, EXPORT_TAG, export_digest(outputs))
+        client.log_dict(run_id, live, "export/benchmark.json")
+    client.set_tag(run_id, EXPORT_TAG, export_digest(outputs))
     return "latencies recorded" if recorded else f"logged models {training.variant}-onnx, -int8"
 
 
@@ -521,7 +520,7 @@ def agree(store: Store, training: Training, *, parts=PARTS, live_export=None) ->
         )
         if part in parts and value is not None
     }
-    runs = tracking.training_runs(store.client, store.experiment_id, md5)
+    runs = training_runs(store.experiment_id, md5)
     complete = [r for r in runs if all(r.data.tags.get(t) == v for t, v in wanted.items())]
     if complete and live_export is None:
         return []
@@ -554,7 +553,20 @@ def rebuild(store: Store, training: Training):
             extra={"num_params": count_parameters(training.checkpoint[0])},
         )
         record_training(run.info.run_id, training)
-    return store.client.get_run(run.info.run_id)
+    return tracking.client().get_run(run.info.run_id)
+
+
+def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
+    """The completely logged runs that trained a checkpoint with these bytes: this host's first,
+    then the newest. Two CPU hosts with one recipe write the same bytes, and each host's record
+    belongs in its own run."""
+    runs = tracking.client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return sorted(runs, key=lambda run: run.data.tags.get("host") != tracking.host_label())
 
 
 # --- sync: every variant's outputs, at the end of each `dvc repro` ---------------------------
@@ -585,7 +597,7 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
         changed += bool(done)
         for line in done:
             print(f"{training.variant}: {line}")
-    store.client.set_experiment_tag(store.experiment_id, RECEIPT_TAG, fingerprint)
+    tracking.client().set_experiment_tag(store.experiment_id, RECEIPT_TAG, fingerprint)
     print(f"sync: {uri} agrees with the outputs of {len(trainings)} variants ({changed} recorded)")
     return changed
 
@@ -633,14 +645,6 @@ def _receipt(uri: str, experiment: str) -> str | None:
 OUTCOME_TAG = "tune.outcome"  # completed | stopped-early | diverged | failed | retried
 TRIAL_TAG = "tune.trial_id"
 SEARCH_KIND = "search"  # the run.kind of a search's parent run
-_NODE_TAGS = ("host", "hostname", "cpu.model", "platform", "torch.version", "cuda.version")
-
-
-def trial_tags(store: Store, *, variant: str) -> dict[str, str]:
-    """The tags a search's trials share, made on the driver (code version, data set, variant,
-    one-off); each trial adds its own node's (host, device, Ray node id)."""
-    tags = run_tags(store, variant=variant, device=("", ""), one_off=True)
-    return {k: v for k, v in tags.items() if k not in (*_NODE_TAGS, "device", "device.name")}
 
 
 @contextlib.contextmanager
@@ -650,24 +654,9 @@ def search_run(store: Store, variant: str, description: dict[str, str]):
 
     tags = run_tags(store, variant=variant, device=("ray", "cluster"), one_off=True)
     tags[tracking.RUN_KIND_TAG] = SEARCH_KIND
-    with started_run(store, variant=variant, tags=tags) as run:
+    with started_run(store.experiment_id, name=tracking.run_name(variant), tags=tags) as run:
         params = [Param(k, v) for k, v in description.items()]
-        store.client.log_batch(run.info.run_id, params=params)
-        yield run
-
-
-@contextlib.contextmanager
-def trial_run(tracking_uri: str, *, experiment_id: str, parent_run_id: str, name: str, tags: dict):
-    """A trial's run, a child of `parent_run_id`, on the store at `tracking_uri`: given
-    explicitly, as a worker on another node has no project and must not fall back to ./mlruns."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    store = Store(uri=tracking_uri, experiment_id=experiment_id, dataset="", root=Path("."))
-    with started_run(
-        store, variant=name, tags=tags, system_metrics=True, parent_run_id=parent_run_id
-    ) as run:
-        mlflow.set_tag("mlflow.runName", name)
+        tracking.client().log_batch(run.info.run_id, params=params)
         yield run
 
 
@@ -677,14 +666,10 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
         tracking.client().set_tag(run_id, f"{OUTCOME_TAG}.note", first_line(note, limit=400))
 
 
-def end_trial_run(
-    tracking_uri: str, experiment_id: str, trial_id: str, how: tuple[str, str]
-) -> str:
+def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
     """End the runs of trial `trial_id` still RUNNING (their process stopped, or died, before it
     could) with `how` = (outcome, status); return the outcome of its latest run."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client()
     runs = client.search_runs(
         [experiment_id],
         f"tags.`{TRIAL_TAG}` = '{trial_id}'",
@@ -701,28 +686,22 @@ def end_trial_run(
     return latest.data.tags.get(OUTCOME_TAG, how[0])
 
 
-def end_running_trials(tracking_uri: str, parent_run_id: str, how: tuple[str, str]) -> None:
+def end_running_trials(experiment_id: str, parent_run_id: str, how: tuple[str, str]) -> None:
     """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
+    client = tracking.client()
+    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running):
         client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
         client.set_terminated(run.info.run_id, how[1])
 
 
-def log_trial_model(tracking_uri: str, run_id: str, model, variant: str, recipe: dict) -> str:
+def log_trial_model(run_id: str, model, variant: str, recipe: dict) -> str:
     """The best trial's kept weights as a logged model on its run; the run keeps its status."""
     import mlflow
 
     from mnist_pipeline.logged_model import log_model
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client()
     status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id, nested=True):
         model_id = log_model(model, variant, params={"variant": variant, **recipe})

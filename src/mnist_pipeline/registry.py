@@ -74,7 +74,18 @@ def _version(client, name: str, model_id: str, dataset: str, variant: str):
     try:
         client.get_registered_model(name)
     except MlflowException:
-        _create_registered_model(client, name, dataset, variant)
+        try:
+            client.create_registered_model(
+                name,
+                description=(
+                    f"{variant} trained on {dataset} by mnist-pipeline. Input: float32 images "
+                    "(N, 1, 28, 28) in [0, 1]; output: class probabilities (N, 10). The alias "
+                    f"`{ALIAS}` marks the version with the best test accuracy."
+                ),
+            )
+        except MlflowException as err:  # another host created it at the same moment: fine
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.source == f"models:/{model_id}":
             return version
@@ -86,35 +97,14 @@ def _version(client, name: str, model_id: str, dataset: str, variant: str):
 
 def _description(tags: dict, accuracy: float) -> str:
     where = f"`{tags.get('host', 'unknown')}` ({tags.get('device', 'unknown')})"
-    source = (
-        "rebuilt from the pipeline's outputs"
-        if tags.get("record.source") == "outputs"
-        else ("trained")
-    )
+    rebuilt = tags.get("record.source") == "outputs"
+    source = "Rebuilt from the pipeline's outputs" if rebuilt else "Trained"
     experiment = f", DVC experiment `{tags['dvc.exp.name']}`" if "dvc.exp.name" in tags else ""
     return (
-        f"Test accuracy **{accuracy:.2%}** (10,000 test images). {source.capitalize()} on "
+        f"Test accuracy **{accuracy:.2%}** (10,000 test images). {source} on "
         f"{where}, {tags.get(tracking.RUN_KIND_TAG, 'pipeline')} run{experiment}, commit "
         f"`{tags.get('git.commit', 'unknown')[:12]}`."
     )
-
-
-def _create_registered_model(client, name: str, dataset: str, variant: str) -> None:
-    """Create the registered model; another host creating it at the same moment is fine."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(
-            name,
-            description=(
-                f"{variant} trained on {dataset} by mnist-pipeline. Input: float32 images "
-                "(N, 1, 28, 28) in [0, 1]; output: class probabilities (N, 10). The alias "
-                f"`{ALIAS}` marks the version with the best test accuracy."
-            ),
-        )
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
 
 
 def _champion(client, name: str):

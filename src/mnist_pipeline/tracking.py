@@ -1,15 +1,19 @@
-"""Where runs go and what describes the machine they ran on. Plain functions, called at the run's
-boundaries; `mlflow` itself is called directly by the stages."""
+"""Where runs go, whether that store can be used, and what describes the machine they ran on:
+plain functions for `record.py`, which makes the runs, and for `compare.py`, which reads them."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
 import re
 import socket
+import sqlite3
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+_ACCOUNT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # what names the user
 
 
 def store_root(root: Path) -> Path:
@@ -30,7 +35,6 @@ def store_root(root: Path) -> Path:
 
 
 def tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI if set, else the SQLite store at the project root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_root(root))
 
 
@@ -38,7 +42,7 @@ def experiment_name(dataset: str) -> str:
     return os.environ.get(EXPERIMENT_ENV) or f"mnist-pipeline-{dataset}"
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0, *, writing: bool = True) -> None:
+def check_reachable(uri: str, *, writing: bool = True) -> None:
     """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
     not answer, whose TLS certificate this host does not trust, that refuses the credentials
     (401) or the account (403: reading; with `writing`, writing runs); or a local SQLite store
@@ -59,28 +63,28 @@ def check_reachable(uri: str, timeout_s: float = 5.0, *, writing: bool = True) -
     # MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials, the CA of
     # MLFLOW_TRACKING_SERVER_CERT_PATH.
     creds = get_default_host_creds(uri)
-    ask = functools.partial(_ask, uri, creds, timeout_s)
+    ask = functools.partial(_ask, uri, creds)
     ask("/health")  # unprotected: says whether a server is there and its certificate is trusted
     user = f"user '{creds.username}'" if creds.username else "a client without credentials"
     status, _ = ask("/api/2.0/mlflow/experiments/search", params={"max_results": 1})
     if status == 401:
         who = f"the password of {user}" if creds.username else user
-        raise PipelineError(
-            f"the MLflow tracking server at {uri} refused {who} (HTTP 401 Unauthorized); set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) "
-            "to your account on that server"
-        )
+        fix = f"set {_ACCOUNT} (or ~/.mlflow/credentials) to your account on that server"
+        raise _refused(uri, who, "401 Unauthorized", fix)
     if status == 403:
-        raise PipelineError(
-            f"the MLflow tracking server at {uri} refused {user} reading runs (HTTP 403 "
-            "Forbidden); ask the server's owner for READ permission, or set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to another account"
-        )
+        fix = f"ask the server's owner for READ permission, or set {_ACCOUNT} to another account"
+        raise _refused(uri, f"{user} reading runs", "403 Forbidden", fix)
     if writing and status == 200:
         _check_writable(uri, ask, user)
 
 
-def _ask(uri: str, creds, timeout_s: float, endpoint: str, method: str = "GET", **kwargs):
+def _refused(uri: str, what: str, status: str, fix: str) -> PipelineError:
+    return PipelineError(
+        f"the MLflow tracking server at {uri} refused {what} (HTTP {status}); {fix}"
+    )
+
+
+def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
     """(HTTP status, JSON body or None) of one request, as MLflow's client makes it, no retries.
     A server that cannot be reached, or whose certificate is not trusted, is a PipelineError."""
     import requests
@@ -89,13 +93,7 @@ def _ask(uri: str, creds, timeout_s: float, endpoint: str, method: str = "GET", 
 
     try:
         reply = http_request(
-            creds,
-            endpoint,
-            method,
-            max_retries=0,
-            timeout=timeout_s,
-            raise_on_status=False,
-            **kwargs,
+            creds, endpoint, method, max_retries=0, timeout=5, raise_on_status=False, **kwargs
         )
     except MlflowException as err:
         cause = err.__cause__ or err.__context__
@@ -146,21 +144,16 @@ def _check_writable(uri: str, ask, user: str) -> None:
         json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
     )
     if status == 403:
-        raise PipelineError(
-            f"the MLflow tracking server at {uri} refused {user} writing runs to {where} (HTTP "
-            "403 Forbidden: a read-only account); ask the server's owner to make it a trainer "
-            "(docs/team.md), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a "
-            "trainer's account"
-        )
+        owner = "ask the server's owner to make it a trainer (docs/team.md)"
+        fix = f"{owner}, or set {_ACCOUNT} to a trainer's account"
+        what = f"{user} writing runs to {where}"
+        raise _refused(uri, what, "403 Forbidden: a read-only account", fix)
 
 
 def _open_sqlite_store(uri: str) -> None:
     """Open (the first time: create) a SQLite store, one process at a time. MLflow creates the
     tables without a lock, so two jobs starting on a fresh store (`dvc exp run --queue` with two
     jobs) would race the schema migration, and one would crash."""
-    import hashlib
-    import tempfile
-
     import mlflow
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
@@ -177,27 +170,22 @@ def _open_sqlite_store(uri: str) -> None:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
             mlflow.MlflowClient(tracking_uri=uri)  # MLflow keeps this store for the process
     except (MlflowException, sqlalchemy.exc.SQLAlchemyError, OSError) as err:
-        first = first_line(err)
         raise PipelineError(
-            f"cannot open the MLflow tracking store {uri} ({first}); check the file and its "
-            "folder are writable, or point MLFLOW_TRACKING_URI elsewhere"
+            f"cannot open the MLflow tracking store {uri} ({first_line(err)}); check the file and "
+            "its folder are writable, or point MLFLOW_TRACKING_URI elsewhere"
         ) from None
 
 
 def run_experiment_id(dataset: str, root: Path) -> str:
     """The experiment a new run goes to: MLFLOW_EXPERIMENT_ID when set (as `mlflow run` sets it
     for its parent run; the MLflow UI nests children only within one experiment), else
-    `experiment_name(dataset)`, created if needed."""
-    return os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(
-        experiment_name(dataset), root
-    )
-
-
-def ensure_experiment(name: str, root: Path) -> str:
-    """The id of experiment `name`, created if needed. On the local SQLite store, artifacts go to
+    `experiment_name(dataset)`, created if needed. On the local SQLite store, artifacts go to
     <root>/mlartifacts whatever the working directory (MLflow would use ./mlruns)."""
     import mlflow
 
+    if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return found
+    name = experiment_name(dataset)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -228,26 +216,23 @@ def cpu_model() -> str:
 
 
 def git_commit(root: Path) -> str:
+    """HEAD's commit, `-dirty` when the code in src/ has uncommitted changes."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    if out.returncode != 0:
-        return "unknown"
-    commit = out.stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def machine_tags(root: Path) -> dict[str, str]:
-    """What describes the machine and the code a run ran on."""
+def machine_tags() -> dict[str, str]:
+    """What describes the machine a run ran on (on a cluster: its node)."""
     import torch
 
     return {
@@ -256,23 +241,22 @@ def machine_tags(root: Path) -> dict[str, str]:
         "cpu.model": cpu_model(),
         "torch.version": torch.__version__,
         "cuda.version": torch.version.cuda or "none",
-        "git.commit": git_commit(root),
         "platform": platform.platform(),
     }
 
 
 def client():
-    """A client of the current tracking store (`mlflow.set_tracking_uri`)."""
+    """A client of the current tracking store (`mlflow.set_tracking_uri`): the one way this
+    package reaches it, as MLflow keeps one store object per URI."""
     import mlflow
 
     return mlflow.MlflowClient()
 
 
-# --- what the MLflow UI shows: run names, datasets, descriptions, the run a checkpoint came from --
+# --- what the MLflow UI shows: run names, datasets, descriptions, logged models ---------------
 
 NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
 RUN_KIND_TAG = "run.kind"  # "pipeline" (the params.yaml recipe) or "one-off" (CLI overrides)
-CHECKPOINT_TAG = "checkpoint.md5"  # set once a training run is completely logged
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens the experiment on
 
 
@@ -286,8 +270,6 @@ def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> di
     split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
     derives from the content checksum, so runs on the same data show the same digest on any host;
     the source is the data set's first public mirror."""
-    import hashlib
-
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -311,15 +293,13 @@ def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> di
 _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry")
 
 
-def log_datasets(client, run_id: str, found: dict, attempts: int = 3) -> None:
+def log_datasets(client, run_id: str, found: dict) -> None:
     """Log dataset inputs {context: dataset} to a run.
 
     Two hosts (or two queued jobs) starting on the same data at once race in MLflow's store: it
     looks the datasets up, then inserts the missing ones, and the second insert breaks the unique
     key (experiment, name, digest). The store rolls that call back whole, so trying again finds
     the other host's dataset and links it."""
-    import time
-
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -328,32 +308,14 @@ def log_datasets(client, run_id: str, found: dict, attempts: int = 3) -> None:
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, ds in found.items()
     ]
-    for attempt in range(1, attempts + 1):
+    for attempt in (1, 2, 3):
         try:
             client.log_inputs(run_id, datasets=inputs)
             return
         except MlflowException as err:
-            if attempt == attempts or not any(key in str(err) for key in _DUPLICATE_KEY):
+            if attempt == 3 or not any(key in str(err) for key in _DUPLICATE_KEY):
                 raise
             time.sleep(0.1 * attempt)
-
-
-def run_description(variant: str, recipe: dict, dataset: str, checksum: str, root: Path) -> str:
-    """The run's description (Markdown, shown on its page): variant, recipe, data, commit, and
-    the DVC experiment it belongs to (with how to bring it into the workspace)."""
-    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
-    text = (
-        f"**{variant}** on host `{host_label()}`.\n\n"
-        f"Recipe: {shown}.\n\n"
-        f"Data: {dataset} (checksum `{checksum[:12]}`); code: commit `{git_commit(root)[:12]}`."
-    )
-    if name := os.environ.get("DVC_EXP_NAME"):
-        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")[:7]
-        text += (
-            f"\n\nDVC experiment `{name}` on baseline commit `{baseline}`: `dvc exp show` "
-            f"lists it, `dvc exp apply {name}` brings it into the workspace."
-        )
-    return text
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
@@ -364,19 +326,7 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment(experiment_id)
-    client = mlflow.MlflowClient()
-    tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: _experiment_note(dataset)}
-    for key, value in tags.items():
-        if key in experiment.tags:
-            continue
-        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
-        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
-        with contextlib.suppress(MlflowException):
-            client.set_experiment_tag(experiment_id, key, value)
-
-
-def _experiment_note(dataset: str) -> str:
-    return (
+    note = (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
         "variant per host, named `variant@host`. Which variant is best: sort the runs by the "
         "`test/accuracy` column. How hosts compare: group the runs by the `variant` tag (each "
@@ -385,23 +335,17 @@ def _experiment_note(dataset: str) -> str:
         "`record.source=outputs` marks a run rebuilt from the pipeline's outputs (no timings). "
         "Each variant's best model is `models:/<dataset>-<variant>@champion`."
     )
-
-
-def training_runs(client, experiment_id: str, checkpoint_md5: str) -> list:
-    """The completely logged runs that trained a checkpoint with these bytes: this host's first,
-    then the newest. Two CPU hosts with one recipe write the same bytes, and each host's record
-    belongs in its own run."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return sorted(runs, key=lambda run: run.data.tags.get("host") != host_label())
+    tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: note}
+    for key, value in tags.items():
+        if key in experiment.tags:
+            continue
+        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
+        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
+        with contextlib.suppress(MlflowException):
+            client().set_experiment_tag(experiment_id, key, value)
 
 
 def logged_model_id(run, name: str) -> str | None:
-    """The id of the logged model `name` that `run` produced, if any."""
     import mlflow
 
     found = mlflow.search_logged_models(
@@ -427,8 +371,6 @@ def follow_a_moved_project(root: Path) -> str | None:
     records artifact paths resolved (file:///<old folder>/mlartifacts/...), so the copy would go on
     writing into, and reading from, the old folder. Point them into this folder's mlartifacts
     (which came along with the copy). Returns the old location, or None when nothing moved."""
-    import sqlite3
-
     here = store_root(root)
     if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
         return None

@@ -58,8 +58,6 @@ class TrialJob:
 
     variant: str
     params: Params
-    root: str
-    tracking_uri: str
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
@@ -101,7 +99,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     import ray
     from ray import tune as ray_tune
 
-    from mnist_pipeline.device import resolve_device
+    from mnist_pipeline.device import device_name, resolve_device
     from mnist_pipeline.train import Diverged, fit, set_up
 
     if tensor_digest(data) != job.data_digest:
@@ -110,14 +108,22 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     recipe = recipe_for(params, job.variant, config)
     device = resolve_device(settings.device)
     setup = set_up(job.variant, recipe, settings, data, device)
-    node = ray.get_runtime_context().get_node_id()
     trial_id = ray_tune.get_context().get_trial_id()
-    with record.trial_run(
-        job.tracking_uri,
-        experiment_id=job.experiment_id,
-        parent_run_id=job.parent_run_id,
+    tags = {
+        **tracking.machine_tags(),  # this node's host, CPU, torch
+        **job.tags,  # the driver's: variant, data set, code version, run kind
+        "device": device.type,
+        "device.name": device_name(device),
+        NODE_TAG: ray.get_runtime_context().get_node_id(),
+        record.TRIAL_TAG: trial_id,
+    }
+    # A child of the search's run, on the store _ray named in every worker's environment.
+    with record.started_run(
+        job.experiment_id,
         name=f"{job.variant}-{trial_id}",
-        tags=_trial_tags(job, device, node=node, trial_id=trial_id),
+        tags=tags,
+        system_metrics=True,
+        parent_run_id=job.parent_run_id,
     ) as run:
         values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
         record.log_recipe(
@@ -133,19 +139,6 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
             raise record.EndRun("FAILED") from None
         record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
         record.set_outcome(run.info.run_id, "completed")
-
-
-def _trial_tags(job: TrialJob, device, *, node: str, trial_id: str) -> dict[str, str]:
-    from mnist_pipeline.device import device_name
-
-    return {
-        **tracking.machine_tags(Path(job.root)),  # this node's host, CPU, torch
-        **job.tags,  # the driver's: variant, data set, code version, run kind
-        "device": device.type,
-        "device.name": device_name(device),
-        NODE_TAG: node,
-        record.TRIAL_TAG: trial_id,
-    }
 
 
 @dataclass
@@ -196,37 +189,33 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
     """Search `variant`'s recipe; record the search as a parent run and each trial as a child."""
     space = params.search_space(variant)
     store = record.open_store(root, params.data.dataset)  # fails fast: before any work
-    _check_store_for_cluster(store.uri, options.address or os.environ.get("RAY_ADDRESS"))
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    _check_store_for_cluster(store.uri, address)
     data = load_dataset(root, params.data.dataset)
     description = _describe(space, options, variant)
-    with _ray(options, store.uri), record.search_run(store, variant, description) as parent:
+    with _ray(address, store.uri), record.search_run(store, variant, description) as parent:
         job = TrialJob(
             variant=variant,
             params=params,
-            root=str(root),
-            tracking_uri=store.uri,
             experiment_id=store.experiment_id,
             parent_run_id=parent.info.run_id,
-            tags=record.trial_tags(store, variant=variant),
+            tags=record.shared_tags(store, variant=variant, one_off=True),
             data_digest=tensor_digest(data),
         )
-        outcomes = _trial_outcomes(store.uri, store.experiment_id)
+        outcomes = _trial_outcomes(store.experiment_id)
         grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
-        interrupted = sum(outcomes.counts.values()) < options.samples
-        if interrupted:  # the trials Tune left running are ended; the finished ones stay
-            record.end_running_trials(store.uri, parent.info.run_id, ("interrupted", "KILLED"))
-        try:
+        if sum(outcomes.counts.values()) >= options.samples:
+            return _conclude(grid, job, outcomes, parent.info.run_id)
+        # Interrupted: the trials Tune left running are ended (the finished ones stay), the best
+        # so far is recorded if there is one, and the search's run ends KILLED.
+        interrupted = ("interrupted", "KILLED")
+        record.end_running_trials(store.experiment_id, parent.info.run_id, interrupted)
+        result = None
+        with contextlib.suppress(PipelineError):
             result = _conclude(grid, job, outcomes, parent.info.run_id)
-        except PipelineError:
-            if not interrupted:
-                raise
-            result = None
-        if interrupted:
-            raise record.EndRun("KILLED")
-    if result is None or interrupted:
-        done = f"; the best so far: MLflow run {result.run_id}" if result else ""
-        raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
-    return result
+        raise record.EndRun("KILLED")
+    done = f"; the best so far: MLflow run {result.run_id}" if result else ""
+    raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
 
 
 def _check_store_for_cluster(uri: str, address: str | None) -> None:
@@ -240,21 +229,15 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _ray(options: TuneOptions, tracking_uri: str) -> Iterator[None]:
-    """Join the cluster at --address (or RAY_ADDRESS), else start Ray on this machine; leave
-    it (or stop it) at the end. Every worker gets the tracking URI in its environment, so
-    nothing falls back to a local ./mlruns."""
+def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
+    """Join the cluster at `address` (--address, or RAY_ADDRESS), else start Ray on this
+    machine; leave it (or stop it) at the end. Every worker gets the tracking URI in its
+    environment: a worker on another node has no project, and must not fall back to ./mlruns."""
     import ray
 
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
-
     try:
-        ray.init(
-            address=address,
-            runtime_env={"env_vars": env},
-            include_dashboard=False,
-        )
+        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False)
     except ConnectionError as err:
         raise PipelineError(
             f"no Ray cluster answers at {address} ({err}); start one with `ray start --head`, "
@@ -266,14 +249,18 @@ def _ray(options: TuneOptions, tracking_uri: str) -> Iterator[None]:
         ray.shutdown()
 
 
+def _asha(space: SearchSpace) -> dict[str, int]:
+    """ASHA's settings (its time is Tune's training iteration: one per reported epoch), as the
+    scheduler takes them and the search's run records them."""
+    return {"grace_period": 1, "reduction_factor": REDUCTION_FACTOR, "max_t": max(space.epochs)}
+
+
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
     """The search's parameters, as its parent run logs them."""
-    scheduler = (
-        f"ASHA(metric={METRIC}, grace_period=1, reduction_factor={REDUCTION_FACTOR}, "
-        f"max_t={max(space.epochs)})"
-        if options.early_stopping
-        else "none (every trial runs all its epochs)"
-    )
+    scheduler = "none (every trial runs all its epochs)"
+    if options.early_stopping:
+        asha = ", ".join(f"{k}={v}" for k, v in _asha(space).items())
+        scheduler = f"ASHA(metric={METRIC}, {asha})"
     return {
         "variant": variant,
         "search.space": json.dumps(dataclasses.asdict(space)),
@@ -304,16 +291,7 @@ def _tuner(
     search = OptunaSearch(seed=seed)
     if options.max_concurrent:
         search = ConcurrencyLimiter(search, max_concurrent=options.max_concurrent)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=max(space.epochs),
-            grace_period=1,
-            reduction_factor=REDUCTION_FACTOR,
-        )
-        if options.early_stopping
-        else None
-    )
+    scheduler = ASHAScheduler(**_asha(space)) if options.early_stopping else None
     storage = (options.storage or root / paths.ONE_OFF_DIR / "tune").resolve()
     return ray_tune.Tuner(
         trainable,
@@ -345,7 +323,7 @@ def _tuner(
     )
 
 
-def _trial_outcomes(tracking_uri: str, experiment_id: str):
+def _trial_outcomes(experiment_id: str):
     """A Tune callback on the driver: what became of each trial, in its MLflow run. A trial that
     ASHA stopped, or whose node died, never gets to end its own run: it is ended here."""
     from ray import tune as ray_tune
@@ -367,7 +345,7 @@ def _trial_outcomes(tracking_uri: str, experiment_id: str):
 
         def _end(self, trial, how: tuple[str, str], count: bool = True) -> None:
             try:
-                outcome = record.end_trial_run(tracking_uri, experiment_id, trial.trial_id, how)
+                outcome = record.end_trial_run(experiment_id, trial.trial_id, how)
             except Exception as err:  # the store: the search goes on
                 print(
                     f"warning: could not end trial {trial.trial_id}'s run: {err}", file=sys.stderr
@@ -395,28 +373,16 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
         )
     result, checkpoint, accuracy = best
     recipe = recipe_for(job.params, job.variant, result.config)
+    values, run_id = dataclasses.asdict(recipe), result.metrics[RUN_ID_KEY]
     model_id = None
     if checkpoint is not None:
         model = build_model(job.variant, use_dropout=recipe.use_dropout)
         with checkpoint.as_directory() as folder:
             model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu"))
-        model_id = record.log_trial_model(
-            job.tracking_uri,
-            result.metrics[RUN_ID_KEY],
-            model,
-            job.variant,
-            dataclasses.asdict(recipe),
-        )
-    record.end_search(
-        parent_run_id,
-        outcomes.counts,
-        best={
-            **{f"best.{k}": v for k, v in dataclasses.asdict(recipe).items()},
-            "best.run_id": result.metrics[RUN_ID_KEY],
-            "best.model_id": model_id,
-        },
-        accuracy=accuracy,
-    )
+        model_id = record.log_trial_model(run_id, model, job.variant, values)
+    chosen = {**values, "run_id": run_id, "model_id": model_id}
+    best_params = {f"best.{k}": v for k, v in chosen.items()}
+    record.end_search(parent_run_id, outcomes.counts, best=best_params, accuracy=accuracy)
     print(
         f"{job.variant}: best validation accuracy {accuracy:.4f} with lr {recipe.lr:.4g}, "
         f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(outcomes.counts)}; "
