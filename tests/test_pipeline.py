@@ -2,8 +2,9 @@
 on the tiny data set served as a mirror, two variants shrunk to one short epoch.
 
 The tests share the module's repository, in file order; each leaves it up to date (`dvc status`
-clean). What two tests both need done to it (a recipe changed, an identical retrain) is done
-once, by a module fixture, and each test checks its own part of what came of it."""
+clean), but the experiment, the last. What several tests need done to it (a recipe changed, an
+identical retrain, an experiment) is done once, by a module fixture, and each test checks its own
+part of what came of it."""
 
 from __future__ import annotations
 
@@ -296,19 +297,41 @@ def test_a_one_off_training_leaves_dvc_status_clean(pipeline):
     assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["epochs"] == "2"
 
 
-def test_a_dvc_experiment_names_its_runs_and_compare_shows_it_beside_its_baseline(pipeline):
+@dataclass(frozen=True)
+class Experiment:
+    baseline: str  # the commit the experiment started from
+    run: mlflow.entities.Run  # its one run in the repository's store
+
+
+@pytest.fixture(scope="module")
+def experiment(pipeline) -> Experiment:
+    """`dvc exp run -n tanh-fast` of one changed recipe, of the stages whose records the tests
+    read (train, evaluate: the changed variant's run); the queued sweep in test_team.py runs a
+    whole pipeline under `dvc exp run`. The module's last: it leaves export and report behind."""
     repo, env, _ = pipeline
     baseline = sh(["git", "rev-parse", "HEAD"], repo, env).strip()
-    sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", "variants.ffn1_tanh.lr=0.3"], repo, env)
+    change = f"variants.{CHANGED}.lr=0.3"
+    sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", change, f"evaluate@{CHANGED}"], repo, env)
     (run,) = runs_where(repo, "tags.`dvc.exp.name` = 'tanh-fast'")
-    assert run.data.tags["variant"] == "ffn1_tanh" and run.data.params["lr"] == "0.3"
-    assert run.data.tags["dvc.exp.baseline"] == baseline
-    assert "dvc exp apply tanh-fast" in run.data.tags["mlflow.note.content"]
+    return Experiment(baseline, run)
+
+
+def test_a_dvc_experiment_names_its_run_and_its_baseline(experiment):
+    run = experiment.run
+    assert run.data.tags["variant"] == CHANGED and run.data.params["lr"] == "0.3"
+    assert run.data.tags["dvc.exp.baseline"] == experiment.baseline
     assert "test/accuracy" in run.data.metrics
 
+
+def test_the_experiments_run_says_how_to_bring_it_into_the_workspace(experiment):
+    assert "dvc exp apply tanh-fast" in experiment.run.data.tags["mlflow.note.content"]
+
+
+def test_compare_shows_the_experiment_beside_its_baseline(pipeline, experiment):
+    repo, env, _ = pipeline
     cli = str(Path(sys.executable).with_name("mnist-pipeline"))
-    shown = sh([cli, "compare", "--exp", "tanh-fast", "--variants", "ffn1_tanh"], repo, env)
-    assert "tanh-fast · pipeline-test" in shown and f"baseline {baseline[:7]}" in shown
+    shown = sh([cli, "compare", "--exp", "tanh-fast", "--variants", CHANGED], repo, env)
+    assert "tanh-fast · pipeline-test" in shown and f"baseline {experiment.baseline[:7]}" in shown
 
 
 @pytest.mark.slow
