@@ -434,21 +434,36 @@ def queue_states(status: str) -> dict[str, str]:
     return {w[0]: w[-1] for line in status.splitlines() if (w := line.split()) and w[-1] in states}
 
 
-def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client, tmp_path):
+@dataclass(frozen=True)
+class Sweep:
+    status: str  # `dvc queue status` once every task ended
+    logs: str  # what the failed tasks logged, if any
+
+
+@pytest.fixture(scope="module")
+def sweep(shared, tmp_path_factory) -> Sweep:
+    """docs/team.md's queued sweep on the `shared` clone: an experiment per learning rate of
+    SWEEP_LRS, `dvc queue start -j 2`, until every task ended."""
     repo = shared.repo
     env = shared.env | {"MLFLOW_EXPERIMENT_NAME": "team-sweep", "MNIST_PIPELINE_HOST": "sweep"}
     (documented,) = {tuple(w[:5]) for w in doc_commands("dvc exp run --queue", "3.")}
     for lr in SWEEP_LRS:
         sh([DVC, *documented[1:], "-S", f"variants.ffn1_relu.lr={lr}"], repo, env)
+    started = tmp_path_factory.mktemp("sweep") / "queue-start.log"
     groups: set[int] = set()
     try:
         # Not through pipes: the workers it starts inherit its stdout and stderr, and a reader of
         # a pipe waits for every holder to close it, i.e. for the workers to end.
-        with open(tmp_path / "queue-start.log", "w") as log:
+        with open(started, "w") as log:
             start = subprocess.run(
-                [DVC, "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=log, stderr=log
+                [DVC, "queue", "start", "-j", "2"],
+                cwd=repo,
+                env=env,
+                stdout=log,
+                stderr=log,
+                timeout=120,
             )
-        assert start.returncode == 0, (tmp_path / "queue-start.log").read_text()
+        assert start.returncode == 0, started.read_text()
         deadline = time.monotonic() + 540
         while len(pidfiles := list((repo / ".dvc/tmp/exps/celery").glob("*.pid"))) < 2:
             assert time.monotonic() < deadline, "the queue workers did not start"
@@ -469,22 +484,35 @@ def test_a_queued_sweep_arrives_complete_on_the_server(team, shared, as_client, 
             time.sleep(3)
     finally:
         if queue_workers(repo):
-            subprocess.run([DVC, "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
+            stop = [DVC, "queue", "stop", "--kill"]
+            with suppress(subprocess.TimeoutExpired):  # the groups are killed below in any case
+                subprocess.run(stop, cwd=repo, env=env, capture_output=True, timeout=60)
         for group in groups:
             with suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
     status = sh([DVC, "queue", "status"], repo, env)
     failed = [task for task, state in queue_states(status).items() if state == "Failed"]
     logs = [
-        subprocess.run([DVC, "queue", "logs", task], cwd=repo, env=env, capture_output=True).stdout
+        subprocess.run(
+            [DVC, "queue", "logs", task], cwd=repo, env=env, capture_output=True, timeout=60
+        ).stdout.decode(errors="replace")
         for task in failed
     ]
-    assert status.count("Success") == len(SWEEP_LRS), status + "\n".join(logs)[-4000:]
+    return Sweep(status, "\n".join(logs)[-4000:])
 
+
+def test_every_task_of_a_queued_sweep_succeeds(sweep):
+    assert sweep.status.count("Success") == len(SWEEP_LRS), sweep.status + sweep.logs
+
+
+def test_each_experiment_of_the_sweep_has_a_run_of_its_own_on_the_server(team, sweep, as_client):
     runs = runs_of(team, "team-sweep")
     assert sorted(r.data.params["lr"] for r in runs) == sorted(SWEEP_LRS)  # told apart
-    for run in runs:
-        assert run.data.tags["host"] == "sweep"
+    assert {r.data.tags["host"] for r in runs} == {"sweep"}
+
+
+def test_the_sweeps_runs_arrive_complete(team, sweep, as_client):
+    for run in runs_of(team, "team-sweep"):
         assert_complete(team, run, "ffn1_relu")
 
 
