@@ -43,7 +43,7 @@ def argv(project, entry_point: str, parameters: dict[str, str]) -> list[str]:
     """The arguments MLflow's computed command passes to `mnist-pipeline`, as bash parses them."""
     command = project.get_entry_point(entry_point).compute_command(parameters, None)
     stub = 'mnist-pipeline() { printf "%s\\0" "$@"; }; '  # a function shadows the real command
-    out = subprocess.run(["bash", "-c", stub + command], capture_output=True, text=True)
+    out = subprocess.run(["bash", "-c", stub + command], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.split("\0")[:-1]
 
@@ -107,6 +107,20 @@ def test_every_train_value_flag_can_be_given_and_only_given_ones_are_recorded(pr
     assert recorded | extra == {"variant": "ffn1_relu", "lr": "0.01"}
 
 
+def test_tune_entry_point_passes_the_flags(project):
+    from mnist_pipeline.cli import build_parser
+
+    assert argv(project, "tune", {"variant": "ffn1_relu"}) == [
+        *("tune", "--variant", "ffn1_relu", "--samples", "8"),
+        *("--cpus-per-trial", "1", "--gpus-per-trial", "0"),
+    ]
+    given = {"variant": "ffn1_relu", "samples": "16", "address": "head:6379", "apply": "1"}
+    args = argv(project, "tune", {**given, "max_concurrent": "2", "gpus_per_trial": "0.5"})
+    parsed = build_parser().parse_args(args)
+    assert (parsed.samples, parsed.max_concurrent, parsed.gpus_per_trial) == (16, 2, 0.5)
+    assert parsed.address == "head:6379" and parsed.apply
+
+
 def test_a_value_cannot_inject_shell(project):
     args = argv(project, "train", {"variant": "ffn1_relu", "optimizer": "adam; echo pwned"})
     assert args[-2:] == ["--optimizer", "adam; echo pwned"]
@@ -157,9 +171,8 @@ def test_mlflow_run_train_makes_a_child_run(tiny_data: Path, tiny_mirror: Mirror
         *("--experiment-name", experiment, "--run-name", "ffn1_relu, 1 epoch"),
         *("-P", "variant=ffn1_relu", "-P", "epochs=1"),
     ]
-    out = subprocess.run(
-        command, cwd=root, env=mlflow_env(root, tiny_mirror), capture_output=True, text=True
-    )
+    env = mlflow_env(root, tiny_mirror)
+    out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
     parent, children = family(root, experiment)
@@ -188,11 +201,11 @@ def test_mlflow_run_main_runs_the_pipeline(tmp_path: Path, tiny_mirror: Mirror):
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     env = mlflow_env(root, tiny_mirror)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True)
+        subprocess.run(cmd, cwd=root, env=env, check=True, timeout=120)
 
     experiment = "mnist-pipeline-mnist"
     command = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", experiment]
-    out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     parent, children = family(root, experiment)

@@ -29,7 +29,7 @@ from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import FILES, file_md5
 from tests.conftest import REPO, committed_params_text, write_tiny_dataset
-from tests.test_server import free_port
+from tests.helpers import free_port
 
 INNER_ENV = "MNIST_PIPELINE_TUNE_NETNS"  # set: this process runs in the test's network namespace
 DEADLINE_S = 240  # the whole cluster test, inside the namespace
@@ -96,24 +96,6 @@ def test_apply_changes_only_the_variants_values_and_keeps_every_comment(tmp_path
     applied = load_params(path)
     assert applied.recipe("ffn1_relu") == dataclasses.replace(best, lr=0.2346)
     assert applied.recipe("ffn1_sigmoid") == params.recipe("ffn1_sigmoid")
-
-
-def test_mlproject_tune_entry_point_passes_the_flags():
-    from mlflow.projects._project_spec import load_project
-
-    from mnist_pipeline.cli import build_parser
-    from tests.test_mlproject import argv
-
-    project = load_project(str(REPO))
-    assert argv(project, "tune", {"variant": "ffn1_relu"}) == [
-        *("tune", "--variant", "ffn1_relu", "--samples", "8"),
-        *("--cpus-per-trial", "1", "--gpus-per-trial", "0"),
-    ]
-    given = {"variant": "ffn1_relu", "samples": "16", "address": "head:6379", "apply": "1"}
-    args = argv(project, "tune", {**given, "max_concurrent": "2", "gpus_per_trial": "0.5"})
-    parsed = build_parser().parse_args(args)
-    assert (parsed.samples, parsed.max_concurrent, parsed.gpus_per_trial) == (16, 2, 0.5)
-    assert parsed.address == "head:6379" and parsed.apply
 
 
 def test_tune_refuses_a_local_store_for_a_cluster(tiny_data, capsys):
