@@ -112,7 +112,7 @@ class Trained:
 
 
 @pytest.fixture(scope="module", params=["ffn1_relu", "mlp_tanh_sigmoid_softmax"])
-def trained(request, tiny_mirror, tmp_path_factory) -> Iterator[Trained]:
+def one_trained(request, tiny_mirror, tmp_path_factory) -> Iterator[Trained]:
     variant = request.param
     with pytest.MonkeyPatch.context() as monkeypatch:
         root = tiny_project(
@@ -122,6 +122,13 @@ def trained(request, tiny_mirror, tmp_path_factory) -> Iterator[Trained]:
         result = train(params, variant, root)
         (run,) = _runs(root)
         yield Trained(root, variant, params.variants[variant], result, run)
+
+
+@pytest.fixture
+def trained(one_trained: Trained) -> Trained:
+    """The module's training, with MLflow's process-wide store pointed at its own."""
+    mlflow.set_tracking_uri(f"sqlite:///{one_trained.root / 'mlflow.db'}")
+    return one_trained
 
 
 def test_the_run_is_finished_and_named_after_variant_and_host(trained):
