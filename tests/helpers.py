@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,28 @@ def project_repo(repo: Path, params: dict, env: dict) -> None:
     sh([DVC, "init", "-q"], repo, env)
     sh([DVC, "config", "core.analytics", "false"], repo, env)
     shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the charts' templates
+
+
+# --- a training, as the `train` command makes it -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trained:
+    run_id: str
+    model_id: str
+
+
+def train(params, variant: str, root: Path, **overrides) -> Trained:
+    """`mnist-pipeline train` in-process: the run's id and its (PyTorch) logged model's."""
+    import mlflow
+
+    from mnist_pipeline import commands
+
+    run_id = commands.train(params, variant, root, overrides)
+    run = mlflow.MlflowClient().get_run(run_id)
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    return Trained(run_id, model.model_id)

@@ -20,7 +20,7 @@ from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.evaluate import evaluate
 from mnist_pipeline.metrics import DVC_METRICS, classification_metrics, confusion
-from mnist_pipeline.train import train
+from tests.helpers import train
 
 
 def test_classification_metrics_by_hand():
@@ -36,19 +36,31 @@ def test_classification_metrics_by_hand():
     assert metrics["test/accuracy_class_1"] == 1.0
 
 
-def test_evaluate_logs_into_the_training_run(tiny_data):
-    root = tiny_data
+def _evaluated(root, variant):
+    """Evaluate the pipeline's checkpoint of `variant`, as the `evaluate` command does."""
     params = load_params(root / "params.yaml")
-    result = train(params, "ffn1_relu", root)
-    metrics = evaluate(params, "ffn1_relu", root)
+    return evaluate(params, variant, root, paths.pipeline_outputs(root, variant))
 
+
+def test_evaluate_writes_the_metrics_and_predictions_and_leaves_the_store_alone(tiny_data):
+    root = tiny_data
+    result = train(load_params(root / "params.yaml"), "ffn1_relu", root)
+    metrics = _evaluated(root, "ffn1_relu")
     saved = json.loads(paths.pipeline_outputs(root, "ffn1_relu").test_metrics.read_text())
     # DVC's metrics file: what a person compares; per-class figures go to MLflow
     assert set(saved) == set(DVC_METRICS)
     assert saved["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
     rows = paths.pipeline_outputs(root, "ffn1_relu").predictions.read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 200
+    # the record is sync's: the training run has no test figures yet
+    assert "test/accuracy" not in mlflow.MlflowClient().get_run(result.run_id).data.metrics
 
+
+def test_sync_records_the_evaluation_into_the_training_run(tiny_data, capsys):
+    root = tiny_data
+    result = train(load_params(root / "params.yaml"), "ffn1_relu", root)
+    metrics = _evaluated(root, "ffn1_relu")
+    assert main(["sync"]) == 0
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.run_id for r in runs] == [result.run_id]
     assert runs[0].data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
@@ -62,40 +74,58 @@ def test_evaluate_logs_into_the_training_run(tiny_data):
     linked = {m.key: m for m in logged.metrics}
     assert linked["test/accuracy"].value == pytest.approx(metrics["test/accuracy"])
     assert linked["test/accuracy"].dataset_name == "mnist-test"
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "test/accuracy")
+    assert len(history) == 1  # one value per name: the other forms' have names of their own
 
 
-def test_an_identical_retrain_is_evaluated_in_its_latest_run(tiny_data):
-    """Same recipe, same bytes: DVC would skip evaluate; run by hand, it logs into the latest
-    run that wrote those bytes, and `compare` credits both runs with the accuracy."""
+def test_every_run_of_the_same_bytes_is_complete_and_one_version_lists_every_host(
+    tiny_data, monkeypatch, capsys
+):
+    """Two hosts (and a retrain) write the same checkpoint: each run gets the evaluation read
+    back from the outputs, and the registry holds one version naming both hosts."""
     root = tiny_data
     params = load_params(root / "params.yaml")
+    monkeypatch.setenv("MNIST_PIPELINE_HOST", "laptop")
     first = train(params, "logistic_regression", root)
+    monkeypatch.setenv("MNIST_PIPELINE_HOST", "gpu-box")
     second = train(params, "logistic_regression", root)
-    evaluate(params, "logistic_regression", root)
+    again = train(params, "logistic_regression", root)
+    written = _evaluated(root, "logistic_regression")
+    assert main(["sync"]) == 0
     client = mlflow.MlflowClient()
-    assert "test/accuracy" in client.get_run(second.run_id).data.metrics
-    assert "test/accuracy" not in client.get_run(first.run_id).data.metrics
-
-    from mnist_pipeline.compare import training_runs
-
-    runs = training_runs(f"sqlite:///{root / 'mlflow.db'}", "mnist-pipeline-mnist")
-    assert runs["test/accuracy"].notna().all() and len(runs) == 2
+    for result in (first, second, again):
+        run = client.get_run(result.run_id)
+        assert run.data.metrics["test/accuracy"] == pytest.approx(written["test/accuracy"])
+        assert "evaluation/confusion_matrix.png" in {
+            a.path for a in client.list_artifacts(result.run_id, "evaluation")
+        }
+        linked = {m.key for m in mlflow.get_logged_model(result.model_id).metrics}
+        assert "test/accuracy" in linked
+    (version,) = client.search_model_versions("name = 'mnist-logistic_regression'")
+    assert version.tags["hosts"] == "gpu-box,laptop"
+    assert "gpu-box, laptop" in version.description and "**" not in version.description
+    capsys.readouterr()
+    assert main(["sync", "--verify"]) == 0
+    assert "(0 recorded)" in capsys.readouterr().out
+    assert len(client.search_model_versions("name = 'mnist-logistic_regression'")) == 1
 
 
 def test_checkpoint_from_another_store_gets_a_run_rebuilt_from_the_outputs(tiny_data, monkeypatch):
     root = tiny_data
     params = load_params(root / "params.yaml")
     trained = train(params, "ffn2_relu", root)  # into <root>/mlflow.db
+    _evaluated(root, "ffn2_relu")
 
     other = root / "other.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
-    evaluate(params, "ffn2_relu", root)
+    assert main(["sync"]) == 0
 
     mlflow.set_tracking_uri(f"sqlite:///{other}")
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    checkpoint = paths.pipeline_outputs(root, "ffn2_relu").checkpoint
     assert run.info.run_id != trained.run_id and run.info.status == "FINISHED"
     assert run.data.tags["record.source"] == "outputs"
-    assert run.data.tags["checkpoint.md5"] == file_md5(paths.checkpoint_path(root, "ffn2_relu"))
+    assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
     assert run.data.tags["run.kind"] == "pipeline"
     assert run.data.params["lr"] == str(params.variants["ffn2_relu"].lr)
     assert "test/accuracy" in run.data.metrics
@@ -106,7 +136,7 @@ def test_checkpoint_from_another_store_gets_a_run_rebuilt_from_the_outputs(tiny_
         filter_string=f"source_run_id = '{run.info.run_id}'",
         output_format="list",
     )
-    assert logged.name == "ffn2_relu"
+    assert logged.name.startswith("ffn2_relu-torch@")
     model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
     assert np.asarray(model.predict(np.zeros((2, 1, 28, 28), np.float32))).shape == (2, 10)
 

@@ -30,11 +30,11 @@ import pytest
 import torch
 import yaml
 
-from mnist_pipeline import checkpoint, fileio, paths, record
-from mnist_pipeline import train as train_module
+from mnist_pipeline import checkpoint, fileio, loop, paths
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import FILES, file_md5
 from mnist_pipeline.models import VARIANTS, Architecture, build_model
+from mnist_pipeline.record import training as record
 from tests.conftest import tiny_params
 from tests.helpers import cli, one_line, serving, stop_system_metrics
 
@@ -358,14 +358,14 @@ def test_diverging_loss_stops_at_once_and_keeps_the_previous_model(trained, caps
 
 def test_infinite_loss_in_a_later_epoch_names_that_epoch(project, capsys, monkeypatch):
     calls = []
-    real_epoch = train_module.train_epoch
+    real_epoch = loop.train_epoch
 
     def epoch_then_inf(*args, **kwargs):
         calls.append(1)
         loss, acc = real_epoch(*args, **kwargs)
         return (float("inf") if len(calls) == 2 else loss), acc
 
-    monkeypatch.setattr(train_module, "train_epoch", epoch_then_inf)
+    monkeypatch.setattr(loop, "train_epoch", epoch_then_inf)
     set_recipe(project, epochs=5)
     code, err = cli(capsys, "train", "--variant", VARIANT)
 
@@ -429,7 +429,7 @@ def test_a_signal_mid_run_ends_it_killed_and_saves_nothing(
     assert line == f"mnist-pipeline train: {said}"
     (run,) = runs(project)
     assert run.info.status == "KILLED"
-    assert not paths.checkpoint_path(project, VARIANT).exists()
+    assert not paths.pipeline_outputs(project, VARIANT).checkpoint.exists()
     assert outputs(project) == {}  # no partial checkpoint, metrics or plot, no temporary file
 
     # The next run of the variant (what `dvc repro` does: its outputs are missing) starts clean.
@@ -437,7 +437,7 @@ def test_a_signal_mid_run_ends_it_killed_and_saves_nothing(
     assert cli(capsys, "train", "--variant", VARIANT)[0] == 0
     killed, finished = runs(project)
     assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
-    checkpoint = paths.checkpoint_path(project, VARIANT)
+    checkpoint = paths.pipeline_outputs(project, VARIANT).checkpoint
     assert finished.data.tags["checkpoint.md5"] == file_md5(checkpoint)
 
 
@@ -495,7 +495,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, capsys, monkeypatch,
 
     assert code == 1
     line = one_line(err)
-    checkpoint = paths.checkpoint_path(trained.resolve(), VARIANT)
+    checkpoint = paths.pipeline_outputs(trained.resolve(), VARIANT).checkpoint
     assert f"could not write {checkpoint} (No space left on device)" in line
     assert "before is unchanged; free some disk space" in line
     assert outputs(trained) == before  # byte for byte, and no temporary file left
@@ -510,8 +510,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, capsys, monkeypatch,
     "command",
     [
         pytest.param(["train", "--variant", VARIANT], id="train"),
-        pytest.param(["evaluate", "--variant", VARIANT], id="evaluate"),
-        pytest.param(["export", "--variant", VARIANT], id="export"),
+        pytest.param(["evaluate", "--variant", VARIANT, "--one-off"], id="evaluate-one-off"),
         pytest.param(["sync"], id="sync"),
         pytest.param(["compare"], id="compare"),
     ],
@@ -519,10 +518,6 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, capsys, monkeypatch,
 def test_an_unreachable_server_is_one_line_before_any_work(tiny_data, capsys, monkeypatch, command):
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    if command[0] == "export":  # it looks for the checkpoint first
-        params = load_params(tiny_data / "params.yaml")
-        path = paths.checkpoint_path(tiny_data, VARIANT)
-        checkpoint.save(path, build_model(VARIANT), VARIANT, params.variants[VARIANT])
     before = outputs(tiny_data)
     code, err = cli(capsys, *command)
     assert code == 1
@@ -530,6 +525,19 @@ def test_an_unreachable_server_is_one_line_before_any_work(tiny_data, capsys, mo
     assert f"cannot reach the MLflow tracking server at {uri}" in line
     assert "MLFLOW_TRACKING_URI" in line
     assert outputs(tiny_data) == before and not (tiny_data / "mlflow.db").exists()
+
+
+def test_evaluate_and_export_need_no_tracking_server(tiny_data, capsys, monkeypatch):
+    """The pipeline's evaluate and export only compute (sync records them): a server that is
+    down stops neither."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    params = load_params(tiny_data / "params.yaml")
+    path = paths.pipeline_outputs(tiny_data, VARIANT).checkpoint
+    checkpoint.save(path, build_model(VARIANT), VARIANT, params.variants[VARIANT])
+    for command in ("evaluate", "export"):
+        code, err = cli(capsys, command, "--variant", VARIANT)
+        assert code == 0, err
+    assert paths.pipeline_outputs(tiny_data, VARIANT).int8.is_file()
 
 
 def test_a_broken_local_store_fails_before_training(tiny_data, capsys):
@@ -551,7 +559,7 @@ def _check_relogged(root: Path, store_uri: str, lost_run_id: str, capsys) -> Non
     (run,) = client.search_runs(experiments, "tags.`record.source` = 'outputs'")
     assert run.info.status == "FINISHED" and run.info.run_id != lost_run_id
     assert run.data.tags["run.kind"] == "pipeline"
-    checkpoint = paths.checkpoint_path(root, VARIANT)
+    checkpoint = paths.pipeline_outputs(root, VARIANT).checkpoint
     assert run.data.tags["checkpoint.md5"] == file_md5(checkpoint)
     history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1, 2, 3]
@@ -635,7 +643,7 @@ CHECKPOINTS = ["pickled code", "garbage pickle", "a text file", "a Git LFS point
 
 @pytest.mark.parametrize("kind", [*CHECKPOINTS, "another variant's"])
 def test_evaluate_refuses_a_checkpoint_that_is_not_ours(trained, capsys, recwarn, tmp_path, kind):
-    checkpoint = paths.checkpoint_path(trained.resolve(), VARIANT)
+    checkpoint = paths.pipeline_outputs(trained.resolve(), VARIANT).checkpoint
     marker = tmp_path / "pwned"
     planted = {
         "pickled code": pickle.dumps(
@@ -727,7 +735,7 @@ class _OtherJobFirst:
 def _two_runs(tmp_path: Path) -> tuple[dict, mlflow.MlflowClient, str, str]:
     """The tiny params' dataset inputs, and two runs in a fresh SQLite store."""
     from mnist_pipeline.config import load_params
-    from mnist_pipeline.tracking import datasets
+    from mnist_pipeline.record.store import datasets
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     params = load_params(tmp_path / "params.yaml")
@@ -747,21 +755,21 @@ def test_two_jobs_logging_the_same_data_at_once_both_link_it(tmp_path):
     """MLflow's store looks a dataset up, then inserts it; two hosts starting at once both
     insert, and the store refuses the second by its unique key (seen in test_team.py's two-host
     run). The loser tries again and links the winner's dataset."""
-    from mnist_pipeline.tracking import log_datasets
+    from mnist_pipeline.record.store import log_datasets
 
     found, client, ours, theirs = _two_runs(tmp_path)
     racing = _OtherJobFirst(client, theirs)
-    log_datasets(racing, ours, found)
+    log_datasets(ours, found, racing)
     assert racing.calls == 2
     assert _inputs(client, ours) == _inputs(client, theirs)
     assert len(_inputs(client, ours)) == len(found) == 3
 
 
 def test_a_store_error_that_is_not_the_race_is_not_retried(tmp_path):
-    from mnist_pipeline.tracking import log_datasets
+    from mnist_pipeline.record.store import log_datasets
 
     found, client, ours, theirs = _two_runs(tmp_path)
     failing = _OtherJobFirst(client, theirs, refusal="RESOURCE_DOES_NOT_EXIST: run not found")
     with pytest.raises(mlflow.exceptions.MlflowException, match="run not found"):
-        log_datasets(failing, ours, found)
+        log_datasets(ours, found, failing)
     assert failing.calls == 1 and _inputs(client, ours) == set()

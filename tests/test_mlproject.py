@@ -65,11 +65,15 @@ def test_fixed_commands(project):
     compute = lambda name, **p: project.get_entry_point(name).compute_command(p, None)  # noqa: E731
     assert compute("main") == "dvc repro"
     assert compute("download") == "mnist-pipeline download"
-    assert compute("evaluate", variant="ffn1_relu") == "mnist-pipeline evaluate --variant ffn1_relu"
-    assert argv(project, "download", {}) == dvc_command("download", "")
-    assert argv(project, "evaluate", {"variant": "mlp512_relu"}) == dvc_command(
-        "evaluate", "mlp512_relu"
+    assert compute("evaluate", variant="ffn1_relu") == (
+        "mnist-pipeline evaluate --variant ffn1_relu && mnist-pipeline sync"
     )
+    assert argv(project, "download", {}) == dvc_command("download", "")
+    # dvc.yaml's evaluate, then its record: what `dvc repro` does with its sync stage
+    assert argv(project, "evaluate", {"variant": "mlp512_relu"}) == [
+        *dvc_command("evaluate", "mlp512_relu"),
+        *dvc_command("sync", ""),
+    ]
 
 
 def test_train_without_overrides_is_dvcs_command(project):

@@ -83,8 +83,7 @@ def test_all_stages_run(pipeline):
 
 def test_one_run_per_variant_with_test_metrics(pipeline):
     repo, _, _ = pipeline
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = runs_where(repo, "tags.`run.kind` = 'pipeline'")
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(VARIANTS)
     for run in runs:
         variant = run.data.tags["variant"]
@@ -116,15 +115,20 @@ def test_the_models_tab_ranks_the_variants_by_test_accuracy(pipeline):
         order_by=[{"field_name": "metrics.test/accuracy", "ascending": False}],
         output_format="list",
     )
-    forms = [f"{v}{suffix}" for v in VARIANTS for suffix in ("", "-onnx", "-int8")]
-    assert sorted(m.name for m in ranked) == sorted(forms)
+    forms = [(v, form) for v in VARIANTS for form in ("torch", "onnx", "int8")]
+    found = [(m.params["variant"], m.tags["export.form"]) for m in ranked]
+    assert sorted(found) == sorted(forms)
+    assert all(
+        m.name.startswith(f"{v}-{f}@pipeline-test-")
+        for m, (v, f) in zip(ranked, found, strict=True)
+    )
     accuracy = [{x.key: x for x in m.metrics}["test/accuracy"] for m in ranked]
     assert [a.value for a in accuracy] == sorted((a.value for a in accuracy), reverse=True)
     assert {a.dataset_name for a in accuracy} == {"mnist-test"}
     client = mlflow.MlflowClient()
     for variant in VARIANTS:
         champion = client.get_model_version_by_alias(f"mnist-{variant}", "champion")
-        assert champion.tags["host"] == "pipeline-test"
+        assert champion.tags["hosts"] == "pipeline-test"
 
 
 def test_metrics_and_plots_show(pipeline):
@@ -246,7 +250,11 @@ def test_a_new_store_is_made_to_agree_with_the_outputs(pipeline, retrained):
     repo, _, _ = pipeline
     mlflow.set_tracking_uri(f"sqlite:///{retrained.store}")
     client = mlflow.MlflowClient()
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`run.kind` = 'pipeline'",
+        output_format="list",
+    )
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(VARIANTS)
     for run in runs:
         variant = run.data.tags["variant"]
@@ -259,7 +267,8 @@ def test_a_new_store_is_made_to_agree_with_the_outputs(pipeline, retrained):
             a.path for a in client.list_artifacts(run.info.run_id, "evaluation")
         }
         champion = client.get_model_version_by_alias(f"mnist-{variant}", "champion")
-        assert champion.run_id == run.info.run_id
+        assert champion.tags["checkpoint.md5"] == run.data.tags["checkpoint.md5"]
+        assert "int8/test/accuracy" in run.data.metrics  # this host measured every form
 
 
 def test_a_store_that_agrees_gets_nothing_more(pipeline, retrained):
@@ -305,14 +314,14 @@ class Experiment:
 
 @pytest.fixture(scope="module")
 def experiment(pipeline) -> Experiment:
-    """`dvc exp run -n tanh-fast` of one changed recipe, of the stages whose records the tests
-    read (train, evaluate: the changed variant's run); the queued sweep in test_team.py runs a
-    whole pipeline under `dvc exp run`. The module's last: it leaves export and report behind."""
+    """`dvc exp run -n tanh-fast` of one changed recipe, up to `sync` (the changed variant's
+    train, evaluate and export, then its record); the queued sweep in test_team.py runs a whole
+    pipeline under `dvc exp run`. The module's last: it leaves the report behind."""
     repo, env, _ = pipeline
     baseline = sh(["git", "rev-parse", "HEAD"], repo, env).strip()
     change = f"variants.{CHANGED}.lr=0.3"
-    sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", change, f"evaluate@{CHANGED}"], repo, env)
-    (run,) = runs_where(repo, "tags.`dvc.exp.name` = 'tanh-fast'")
+    sh([DVC, "exp", "run", "-n", "tanh-fast", "-S", change, "sync"], repo, env)
+    (run,) = runs_where(repo, "tags.`dvc.exp.name` = 'tanh-fast' and tags.`run.kind` = 'pipeline'")
     return Experiment(baseline, run)
 
 

@@ -26,7 +26,8 @@ def test_the_registry_snippet_works_from_src(tiny_data: Path):
     URI of the user's, loads it and predicts, and leaves no stray store in `src/`."""
     root = tiny_data
     assert main(["train", "--variant", "mlp512_relu"]) == 0
-    assert main(["evaluate", "--variant", "mlp512_relu"]) == 0  # registers the champion
+    assert main(["evaluate", "--variant", "mlp512_relu"]) == 0
+    assert main(["sync"]) == 0  # records the evaluation: registers the champion
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # a checkout, as a user's is
     (root / "src").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_"))}

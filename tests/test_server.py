@@ -73,13 +73,15 @@ def train_as(host: str, variant: str, *flags: str, monkeypatch) -> str:
 
 def test_training_logs_over_http_and_the_model_loads_back(server, remote, monkeypatch):
     run_id = train_as("laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
-    assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
+    for command in (["evaluate", "--variant", "ffn1_relu"], ["export", "--variant", "ffn1_relu"]):
+        assert main(command) == 0
+    assert main(["sync"]) == 0
 
     run = mlflow.MlflowClient(server.url).get_run(run_id)
     assert run.data.tags["host"] == "laptop" and run.data.tags["device"] == "cpu"
-    assert {"train/loss", "val/accuracy", "time/median_epoch_seconds", "test/accuracy"} <= set(
-        run.data.metrics
-    )
+    expected = {"train/loss", "val/accuracy", "time/median_epoch_seconds", "test/accuracy"}
+    expected |= {"inference/latency_b1_ms", "int8/test/accuracy"}  # measured on this host
+    assert expected <= set(run.data.metrics)
     # Artifacts went through the server into its own folder, not into the project.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert list(server.artifacts.rglob("MLmodel"))
@@ -91,8 +93,15 @@ def test_training_logs_over_http_and_the_model_loads_back(server, remote, monkey
         output_format="list",
     )
     model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    forms = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string="tags.`export.form` = 'int8'",
+        output_format="list",
+    )
+    int8 = mlflow.pyfunc.load_model(f"models:/{forms[0].model_id}")  # through the server too
     batch = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
     assert np.asarray(model.predict(batch)).shape == (4, 10)
+    assert int8.predict(batch)["probabilities"].shape == (4, 10)  # ONNX: outputs by name
     # ...and it is registered there, the champion of its name
     champion = mlflow.pyfunc.load_model("models:/mnist-ffn1_relu@champion")
     assert np.allclose(np.asarray(champion.predict(batch)).sum(axis=1), 1, atol=1e-5)
@@ -100,9 +109,9 @@ def test_training_logs_over_http_and_the_model_loads_back(server, remote, monkey
 
 @dataclass(frozen=True)
 class TwoHosts:
-    """Runs from two hosts on the server (the laptop: ffn1_relu trained and evaluated; the
-    gpu-box: ffn1_relu trained, logistic_regression trained and evaluated), then `compare` with
-    every output; its groups are (laptop, box)."""
+    """Runs from two hosts on the server, each host's pipeline as `dvc repro` would run it (the
+    laptop: ffn1_relu; the gpu-box: ffn1_relu again, and logistic_regression; each host's `sync`
+    last), then `compare` with every output; its groups are (laptop, box)."""
 
     root: Path
     table: pd.DataFrame
@@ -124,10 +133,15 @@ def two_hosts(server, tiny_mirror, tmp_path_factory) -> Iterator[TwoHosts]:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-two-hosts")
         train_as("cpu-laptop", "ffn1_relu", "--device", "cpu", monkeypatch=monkeypatch)
-        assert main(["evaluate", "--variant", "ffn1_relu"]) == 0
+        for command in ("evaluate", "export"):
+            assert main([command, "--variant", "ffn1_relu"]) == 0
+        assert main(["sync"]) == 0
         train_as("gpu-box", "ffn1_relu", monkeypatch=monkeypatch)  # auto: CUDA where there is
         train_as("gpu-box", "logistic_regression", monkeypatch=monkeypatch)
-        assert main(["evaluate", "--variant", "logistic_regression"]) == 0
+        for variant in ("ffn1_relu", "logistic_regression"):
+            for command in ("evaluate", "export"):
+                assert main([command, "--variant", variant]) == 0
+        assert main(["sync"]) == 0
         out = base / "out"
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
@@ -161,21 +175,32 @@ def test_compare_shows_each_hosts_own_figures(two_hosts):
     assert table.loc["logistic_regression", (box, "time/median_samples_per_second")] > 0
 
 
-def test_a_checkpoint_trained_twice_shares_its_accuracy(two_hosts):
-    """gpu-box's ffn1_relu was not evaluated: on a CPU it wrote the laptop's checkpoint, byte
-    for byte, and shares its accuracy; on a GPU its own checkpoint has none yet."""
+def test_compare_says_whether_the_bytes_are_the_same(two_hosts):
+    """On a CPU the gpu-box wrote the laptop's ffn1_relu checkpoint, byte for byte: `same`,
+    and the same accuracy, recorded in its own run. On a GPU: the accuracy difference."""
     table, (laptop, box) = two_hosts.table, two_hosts.groups
     box_accuracy = table.loc["ffn1_relu", (box, "test/accuracy")]
+    assert table.loc["ffn1_relu", (laptop, "bytes")] == "same"  # the reference group
     if box.endswith(" · cpu"):
+        assert table.loc["ffn1_relu", (box, "bytes")] == "same"
         assert box_accuracy == table.loc["ffn1_relu", (laptop, "test/accuracy")]
     else:
-        assert pd.isna(box_accuracy)
+        assert table.loc["ffn1_relu", (box, "bytes")].endswith(" pt")
+
+
+def test_compare_shows_each_hosts_own_inference_figures(two_hosts):
+    table, (laptop, box) = two_hosts.table, two_hosts.groups
+    for group in (laptop, box):
+        for metric in ("inference/latency_b1_ms", "int8/inference/latency_b1_ms"):
+            assert table.loc["ffn1_relu", (group, metric)] > 0, (group, metric)
+        assert table.loc["ffn1_relu", (group, "int8/test/accuracy")] > 0.5
 
 
 def test_compare_writes_csv_markdown_and_a_chart(two_hosts):
     laptop, box = two_hosts.groups
     csv = pd.read_csv(two_hosts.out / "compare.csv", index_col=0)
     assert f"{laptop}: test/accuracy" in csv.columns and f"{box}: test/accuracy" in csv.columns
+    assert f"{box}: int8/inference/latency_b1_ms" in csv.columns
     assert (two_hosts.out / "compare.md").read_text().count("\n| ") == 3  # header, 2 variants
     assert (two_hosts.out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -220,23 +245,25 @@ def test_sync_rebuilds_a_new_server_from_the_outputs_once(server, remote, monkey
 
     client = mlflow.MlflowClient(server.url)
     experiment = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = client.search_runs(
+        [experiment.experiment_id], "tags.`run.kind` = 'pipeline'"
+    )  # and its forms' child runs
     assert run.data.tags["record.source"] == "outputs" and run.info.status == "FINISHED"
     assert run.data.tags["device"] == "unknown"
     assert not any(key.startswith("time/") for key in run.data.metrics)  # none invented
     written = json.loads((remote / "metrics" / "test" / "ffn1_relu.json").read_text())
     assert run.data.metrics["test/accuracy"] == written["test/accuracy"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
-    names = {
-        m.name
-        for m in mlflow.search_logged_models(
-            experiment_ids=[experiment.experiment_id], output_format="list"
-        )
-    }
-    assert names == {"ffn1_relu", "ffn1_relu-onnx", "ffn1_relu-int8"}
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment.experiment_id], output_format="list"
+    )
+    assert sorted(m.tags["export.form"] for m in models) == ["int8", "onnx", "torch"]
+    assert all(m.name.startswith("ffn1_relu-") for m in models)
+    # one version per checkpoint bytes, on this server whichever experiment and host made it
     versions = client.search_model_versions("name = 'mnist-ffn1_relu'")
-    (version,) = [v for v in versions if v.run_id == run.info.run_id]
-    assert "Rebuilt from the pipeline's outputs" in version.description
+    md5 = run.data.tags["checkpoint.md5"]
+    (version,) = [v for v in versions if v.tags["checkpoint.md5"] == md5]
+    assert "rebuilt from the pipeline's outputs" in version.description
 
     before = store_counts(client, experiment.experiment_id, "mnist-ffn1_relu")
     assert main(["sync"]) == 0

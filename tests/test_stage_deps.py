@@ -1,16 +1,18 @@
-"""dvc.yaml is honest: each stage lists every project module that can change its outputs.
+"""dvc.yaml is honest: each stage lists every project module that can change its outputs, and
+none that cannot; and no stage module imports another.
 
-The imports of each stage's command are walked inside the package: the `cli.py` handler its
-command runs, then every module that one imports, and so on. A module missing from the stage's
-deps would let an edit leave stale outputs while `dvc status` says all is well. Modules that only
-write to MLflow are not followed (`MLFLOW_ONLY`): editing a tag must not retrain nine models.
+A stage `mnist-pipeline X` computes and writes its outputs in the stage module `X.py` (`sync`,
+which writes no DVC output, runs `record/agree.py`); `cli.py` parses the command line and
+`commands.py` records what the stage wrote in MLflow, after it. So each stage's deps are exactly
+the import closure of its stage module (lazy imports included), walked with no exemption: a
+module the stage module reaches is a dependency, whatever it does; one it does not reach (the
+parser, the recording) cannot change what it writes.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,49 +20,55 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = REPO / "src" / "mnist_pipeline"
-# What these modules write goes to the MLflow store only, never to a DVC output.
-MLFLOW_ONLY = {"tracking.py", "record.py", "registry.py"}
-# No logic: the package's docstring and version, and `python -m`.
-IGNORED = {"__init__.py", "__main__.py"}
+NO_LOGIC = {"__init__.py", "__main__.py", "record/__init__.py"}  # docstrings, `python -m`
+STAGE_MODULE = {"sync": "record/agree.py"}  # else mnist-pipeline X runs X.py
+# Modules whose job is to compute something a user asked for, each its own entry point: none
+# may import another (what two share lives in a module of its own below them).
+STAGE_MODULES = (
+    "download.py",
+    "train.py",
+    "evaluate.py",
+    "export.py",
+    "report.py",
+    "tune.py",
+    "compare.py",
+)
 
 
-def package_imports(node: ast.AST) -> set[str]:
-    """The package modules `node` imports, anywhere in it (lazy imports included)."""
+def module_file(name: str) -> str | None:
+    """'mnist_pipeline.record.store' -> 'record/store.py' (None outside the package)."""
+    parts = name.split(".")
+    if parts[0] != "mnist_pipeline" or len(parts) == 1:
+        return None
+    path = "/".join(parts[1:])
+    for candidate in (f"{path}.py", f"{path}/__init__.py"):
+        if (PACKAGE / candidate).is_file():
+            return candidate
+    return None
+
+
+def package_imports(file: str) -> set[str]:
+    """The package modules `file` imports, anywhere in it (lazy imports included)."""
     found = set()
-    for child in ast.walk(node):
-        if isinstance(child, ast.ImportFrom) and child.module:
-            if child.module == "mnist_pipeline":
-                found |= {f"{alias.name}.py" for alias in child.names}
-            elif child.module.startswith("mnist_pipeline."):
-                found.add(child.module.split(".")[1] + ".py")
-        elif isinstance(child, ast.Import):
-            found |= {
-                a.name.split(".")[1] + ".py" for a in child.names if a.name.startswith("mnist_")
-            }
-    return {name for name in found if (PACKAGE / name).is_file()}
+    for node in ast.walk(ast.parse((PACKAGE / file).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {f for f in map(module_file, names) if f is not None}
+    return found - NO_LOGIC
 
 
-def closure(start: set[str]) -> set[str]:
-    seen, todo = set(), set(start)
+def closure(start: str) -> set[str]:
+    seen, todo = set(), {start}
     while todo:
         name = todo.pop()
-        if name in seen or name in IGNORED:
-            continue
-        seen.add(name)
-        if name not in MLFLOW_ONLY:
-            todo |= package_imports(ast.parse((PACKAGE / name).read_text()))
-    return seen - IGNORED
-
-
-def command_modules(command: str) -> set[str]:
-    """What `mnist-pipeline <command>` runs: cli.py's own imports, `run()`, and the handler."""
-    cli = ast.parse((PACKAGE / "cli.py").read_text())
-    functions = {f.name: f for f in cli.body if isinstance(f, ast.FunctionDef)}
-    top = {n for n in cli.body if isinstance(n, ast.Import | ast.ImportFrom)}
-    start = package_imports(functions["run"]) | package_imports(functions[f"_{command}"])
-    for node in top:
-        start |= package_imports(node)
-    return {"cli.py"} | closure(start)  # cli.py itself: only the handler's part of it runs
+        if name not in seen:
+            seen.add(name)
+            todo |= package_imports(name)
+    return seen
 
 
 def stages() -> list:
@@ -69,25 +77,48 @@ def stages() -> list:
     for name, stage in spec.items():
         body = stage.get("do", stage)
         command = re.match(r"mnist-pipeline (\w+)", body["cmd"])[1]
-        deps = {Path(d).name for d in body.get("deps", []) if d.startswith("src/mnist_pipeline/")}
-        out.append(pytest.param(command, deps, id=name))
+        prefix = "src/mnist_pipeline/"
+        deps = {d[len(prefix) :] for d in body.get("deps", []) if d.startswith(prefix)}
+        out.append(pytest.param(STAGE_MODULE.get(command, f"{command}.py"), deps, id=name))
     return out
 
 
-@pytest.mark.parametrize(("command", "deps"), stages())
-def test_each_stage_lists_every_module_that_can_change_its_outputs(command, deps):
-    needed = command_modules(command) - MLFLOW_ONLY
-    missing = sorted(needed - deps)
+@pytest.mark.parametrize(("module", "deps"), stages())
+def test_each_stage_lists_every_module_that_can_change_its_outputs(module, deps):
+    missing = sorted(closure(module) - deps)
     assert not missing, f"add to this stage's deps in dvc.yaml: {missing}"
 
 
-@pytest.mark.parametrize(("command", "deps"), stages())
-def test_no_stage_lists_a_module_it_does_not_run(command, deps):
-    extra = sorted(deps - command_modules(command))
-    assert not extra, f"not run by `mnist-pipeline {command}`: {extra}"
+@pytest.mark.parametrize(("module", "deps"), stages())
+def test_no_stage_lists_a_module_it_does_not_run(module, deps):
+    extra = sorted(deps - closure(module))
+    assert not extra, f"not run by {module}: {extra}"
 
 
-def test_the_walk_follows_lazy_imports():
-    # evaluate imports `record` inside a function; record draws the charts with plots.py
-    assert "record.py" in command_modules("evaluate")
-    assert "plots.py" in command_modules("report")
+@pytest.mark.parametrize("module", STAGE_MODULES)
+def test_no_stage_module_imports_another(module):
+    others = sorted((closure(module) - {module}) & set(STAGE_MODULES))
+    assert not others, f"{module} imports the stage modules {others}"
+
+
+@pytest.mark.parametrize("module", [m for m in STAGE_MODULES if m not in ("tune.py", "compare.py")])
+def test_no_dvc_stage_imports_the_parser_or_the_recording(module):
+    reached = closure(module)
+    assert not {"cli.py", "commands.py"} & reached
+    assert not [m for m in reached if m.startswith("record/")], sorted(reached)
+
+
+def test_every_output_file_name_lives_in_paths():
+    """The checkpoint, the ONNX files, the data's files and the report's, like every other
+    output, are named in paths.py alone."""
+    names = ("model.pt", "model.onnx", "model.int8.onnx", "results.", "-idx3-ubyte")
+    for file in PACKAGE.rglob("*.py"):
+        if file.name != "paths.py":
+            text = file.read_text()
+            assert not [n for n in names if n in text], file
+
+
+def test_the_walk_follows_lazy_and_package_imports():
+    assert "plots.py" in closure("report.py")  # imported inside a function
+    assert "record/store.py" in closure("record/agree.py")  # `from mnist_pipeline.record import`
+    assert "loop.py" in closure("tune.py")

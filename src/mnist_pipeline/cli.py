@@ -1,4 +1,5 @@
-"""`mnist-pipeline`: one subcommand per pipeline stage (dvc.yaml and MLproject call these).
+"""`mnist-pipeline`: the command line, one subcommand per pipeline stage (dvc.yaml and MLproject
+call these), parsed here and run by `commands` (DVC's split: `dvc/commands/` over `dvc/repo/`).
 
     mnist-pipeline download
     mnist-pipeline train --variant ffn1_relu                  # the params.yaml recipe (DVC's)
@@ -25,7 +26,22 @@ import sys
 import threading
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError, first_line
+from mnist_pipeline import commands, signals
+from mnist_pipeline.config import Recipe, TrainConfig, load_params
+from mnist_pipeline.errors import ConfigError, PipelineError, first_line
+from mnist_pipeline.paths import PARAMS_FILE, project_root
+
+# `tune`'s options, as `commands.tune` passes them to `tune.TuneOptions` (the flags below).
+TUNE_OPTIONS = (
+    "samples",
+    "max_concurrent",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "address",
+    "max_failures",
+    "storage",
+    "seed",
+)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -141,64 +157,37 @@ def _add_compare(sub) -> None:
     compare.set_defaults(handler=_compare)
 
 
-# --- one handler per command: (params, root, args); each imports only its own stage --------------
+# --- one handler per command: parsed arguments in, a call of `commands` out ------------------
 
 
 def _download(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.download import download
-
-    download(params.data, root)
+    commands.download(params, root)
 
 
 def _train(params, root: Path, args: argparse.Namespace) -> None:
-    from dataclasses import fields
-
-    from mnist_pipeline.config import Recipe, TrainConfig, check_variant, with_overrides
-    from mnist_pipeline.paths import one_off_outputs
-    from mnist_pipeline.train import train
-
-    check_variant(args.variant)
-    names = {f.name for config in (Recipe, TrainConfig) for f in fields(config)}  # the flags
-    overrides = {name: value for name, value in vars(args).items() if name in names}
-    recipe = with_overrides(params, args.variant, **overrides)
-    # A recipe other than params.yaml's is a one-off: it must not touch DVC's outputs.
-    one_off = recipe != params
-    train(recipe, args.variant, root, one_off_outputs(root, args.variant) if one_off else None)
+    flags = _fields(Recipe) | _fields(TrainConfig)
+    overrides = {name: value for name, value in vars(args).items() if name in flags}
+    commands.train(params, args.variant, root, overrides)
 
 
 def _evaluate(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.config import check_variant
-    from mnist_pipeline.evaluate import evaluate
-    from mnist_pipeline.paths import one_off_outputs
-
-    check_variant(args.variant)
-    outputs = one_off_outputs(root, args.variant) if args.one_off else None
-    evaluate(params, args.variant, root, outputs)
+    commands.evaluate(params, args.variant, root, one_off=args.one_off)
 
 
 def _export(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.config import check_variant
-    from mnist_pipeline.export import export
-
-    export(params, check_variant(args.variant), root)
+    commands.export(params, args.variant, root)
 
 
 def _report(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.report import report
-
-    report(params, root)
+    commands.report(params, root)
 
 
 def _sync(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.record import sync
-
-    sync(params, root, verify=args.verify)
+    commands.sync(params, root, verify=args.verify)
 
 
 def _compare(params, root: Path, args: argparse.Namespace) -> None:
-    from mnist_pipeline.compare import compare
-
-    compare(
+    commands.compare(
         params,
         root,
         experiment=args.experiment,
@@ -214,32 +203,23 @@ def _compare(params, root: Path, args: argparse.Namespace) -> None:
 
 
 def _tune(params, root: Path, args: argparse.Namespace) -> None:
-    from dataclasses import fields
-
-    from mnist_pipeline.config import check_variant
-    from mnist_pipeline.errors import ConfigError
-    from mnist_pipeline.paths import PARAMS_FILE
-    from mnist_pipeline.tune import TuneOptions, apply_recipe, tune
-
-    check_variant(args.variant)
-    params.search_space(args.variant)  # a bad or missing tune: section, before Ray starts
     for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():
         value = getattr(args, flag)
         if value is not None and value < least:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
-    given = {f.name: getattr(args, f.name) for f in fields(TuneOptions) if hasattr(args, f.name)}
-    options = TuneOptions(**given, early_stopping=not args.no_early_stopping)
-    result = tune(params, args.variant, root, options)
-    if args.apply:
-        apply_recipe(args.params or root / PARAMS_FILE, args.variant, result.best_recipe)
+    options = {name: getattr(args, name) for name in TUNE_OPTIONS}
+    options["early_stopping"] = not args.no_early_stopping
+    target = (args.params or root / PARAMS_FILE) if args.apply else None
+    commands.tune(params, args.variant, root, options, apply=target)
+
+
+def _fields(model) -> set[str]:
+    return set(getattr(model, "model_fields", None) or model.__dataclass_fields__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mnist_pipeline.config import load_params
-    from mnist_pipeline.paths import PARAMS_FILE, project_root
-
     root = project_root()
     params = load_params(args.params or root / PARAMS_FILE)
     args.handler(params, root, args)
@@ -326,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; nothing was saved")
         return 130
     except BaseException as err:
-        train = sys.modules.get("mnist_pipeline.train")  # only training turns SIGTERM into one
-        if train is not None and isinstance(err, train.Terminated):
+        if isinstance(err, signals.Terminated):
             say("terminated; nothing was saved")
             return 143
         line = _environment_error(err)

@@ -7,12 +7,20 @@
     MLFLOW_TRACKING_URI=http://mlflow.internal:5000 mnist-pipeline compare
 
 One row per variant, one column group per `host · device` (the `host` and `device` tags `train`
-sets; MNIST_PIPELINE_HOST names the host): test accuracy, seconds per epoch and training images
-per second, both timings the median over the run's epochs (the first epoch pays for warm-up).
+sets; MNIST_PIPELINE_HOST names the host), answering "the same model? how much faster?":
+
+- `bytes`: whether the run's checkpoint has the bytes of the first group's (`same`), or else how
+  far its test accuracy is from that one's (`+0.12 pt`): one CPU kind reproduces the bytes,
+  another CPU kind or a GPU gives close but different weights;
+- test accuracy, seconds per epoch and training images per second (medians over the epochs: the
+  first pays for warm-up);
+- inference latency at batch 1 of each form (the PyTorch model on the run's device, ONNX and int8
+  under ONNX Runtime on the CPU) and the int8 model's accuracy, as that host measured them.
+
 Only finished training runs of the params.yaml recipes count (`--one-off` adds one-off runs);
-`mlflow run`'s parent runs (no `variant` tag) are left out; a run rebuilt from the pipeline's
-outputs (`mnist-pipeline sync`: no timings) shows as device `rebuilt`. A run whose checkpoint was
-evaluated under another run (the same bytes, retrained) shows that accuracy.
+`mlflow run`'s parent runs, a search's runs and the forms' child runs (no `variant` tag) are left
+out; a run rebuilt from the pipeline's outputs (`mnist-pipeline sync`: no timings) shows as
+device `rebuilt`.
 """
 
 from __future__ import annotations
@@ -35,7 +43,12 @@ COLUMNS = (
     ("test/accuracy", "accuracy", lambda v: f"{v:.2%}"),
     ("time/median_epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
     ("time/median_samples_per_second", "img/s", lambda v: f"{v:,.0f}"),
+    ("inference/latency_b1_ms", "torch ms", lambda v: f"{v:.3f}"),
+    ("onnx/inference/latency_b1_ms", "onnx ms", lambda v: f"{v:.3f}"),
+    ("int8/inference/latency_b1_ms", "int8 ms", lambda v: f"{v:.3f}"),
+    ("int8/test/accuracy", "int8 acc", lambda v: f"{v:.2%}"),
 )
+BYTES = "bytes"  # the column that says whether a group's checkpoint is the first group's
 
 
 def compare(
@@ -199,8 +212,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
     runs = pd.DataFrame(
         {new: raw.get(old, pd.Series(index=raw.index)) for old, new in columns.items()}
     )
-    # A search's own run (`mnist-pipeline tune`) trains nothing: its trials are the runs.
-    runs = runs[runs["variant"].notna() & (runs["kind"] != "search")]
+    # A search's runs, a form's child runs and `mlflow run`'s parent carry no `variant` tag.
+    runs = runs[runs["variant"].notna()]
     if runs.empty:
         raise PipelineError(
             f"experiment {experiment!r} at {uri} holds no finished training runs; train one "
@@ -208,11 +221,6 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
         )
     for metric, _, _ in COLUMNS:
         runs[metric] = runs[metric].astype(float)
-    # The test result belongs to the checkpoint's bytes: a retrain that wrote the same checkpoint
-    # (DVC then skips evaluate) shares the accuracy its twin was evaluated at.
-    by_checkpoint = runs.dropna(subset=["checkpoint", "test/accuracy"]).groupby("checkpoint")
-    shared = runs["checkpoint"].map(by_checkpoint["test/accuracy"].first())
-    runs["test/accuracy"] = runs["test/accuracy"].fillna(shared)
     runs = runs.fillna({"host": "unknown", "device": "unknown", "kind": "pipeline"})
     # A run rebuilt from the outputs has no timings and no device: say so in its column.
     runs.loc[runs["source"] == "outputs", "device"] = "rebuilt"
@@ -233,10 +241,13 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
         runs = runs.assign(run=runs.groupby(["variant", "group"]).cumcount() + 1)
         index = ["variant", "run"]
     metrics = [metric for metric, _, _ in COLUMNS]
-    table = runs.pivot(index=index, columns="group", values=metrics)
+    table = runs.pivot(index=index, columns="group", values=[*metrics, "checkpoint"])
     table = table.swaplevel(axis=1)
     groups = sorted(table.columns.get_level_values(0).unique())
-    table = table.reindex(columns=pd.MultiIndex.from_product([groups, metrics]))
+    for group in groups:
+        table[(group, BYTES)] = _same_bytes(table, group, groups[0])
+    table = table.drop(columns=[(g, "checkpoint") for g in groups])
+    table = table.reindex(columns=pd.MultiIndex.from_product([groups, [BYTES, *metrics]]))
     table.columns.names = ["host · device", "metric"]
     # The registry's order; a variant it does not know (a newer checkout's) goes last.
     order = {name: i for i, name in enumerate(VARIANTS)}
@@ -249,13 +260,33 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     )
 
 
+def _same_bytes(table: pd.DataFrame, group: str, first: str):
+    """Per row: `same` where `group`'s checkpoint has the bytes of `first`'s (the reference
+    group: `first` itself reads `same`), else its test accuracy less `first`'s, in points."""
+    import pandas as pd
+
+    mine, theirs = table[(group, "checkpoint")], table[(first, "checkpoint")]
+    delta = (table[(group, "test/accuracy")] - table[(first, "test/accuracy")]) * 100
+    return pd.Series(
+        [
+            "" if pd.isna(a) or pd.isna(b) else "same" if a == b else f"{d:+.2f} pt"
+            for a, b, d in zip(mine, theirs, delta, strict=True)
+        ],
+        index=table.index,
+        dtype=object,
+    )
+
+
 def _shown(table: pd.DataFrame) -> pd.DataFrame:
     """The table as printed: short column labels, percentages and thousands separators."""
     import pandas as pd
 
     shown = table.copy().astype(object)
     labels = {metric: (label, fmt) for metric, label, fmt in COLUMNS}
+    labels[BYTES] = (BYTES, str)
     for column in table.columns:
+        if column[1] == BYTES:
+            continue
         fmt = labels[column[1]][1]
         shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
     shown.columns = pd.MultiIndex.from_tuples(

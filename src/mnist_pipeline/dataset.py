@@ -18,32 +18,40 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.paths import data_dir
+from mnist_pipeline.paths import DATA_FILES, data_dir
 
 if TYPE_CHECKING:  # the download stage imports this module and never imports torch
     import torch
 
-FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+FILES = DATA_FILES
 
-# Canonical MD5 of the uncompressed content.
+# Canonical MD5 of the uncompressed content, in the order of FILES (train images, train labels,
+# test images, test labels).
 CHECKSUMS: dict[str, dict[str, str]] = {
-    "mnist": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    },
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
+    "mnist": dict(
+        zip(
+            FILES,
+            (
+                "6bbc9ace898e44ae57da46a324031adb",
+                "a25bea736e30d166cdddb491f175f624",
+                "2646ac647ad5339dbf082846283269ea",
+                "27ae3e4e09519cfbb04c329615203637",
+            ),
+            strict=True,
+        )
+    ),
+    "fashion-mnist": dict(
+        zip(
+            FILES,
+            (
+                "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                "9018921c3c673c538a1fc5bad174d6f9",
+                "8181f5470baa50b63fa0f6fddb340f0a",
+                "15d484375f8d13e6eb1aabb0c3f46965",
+            ),
+            strict=True,
+        )
+    ),
 }
 
 # A JSON file {file name: md5} replacing the canonical table: for tests on tiny data sets and for

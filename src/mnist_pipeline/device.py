@@ -24,15 +24,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's model, or the CPU's."""
-    from mnist_pipeline.tracking import cpu_model
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "Apple MPS" if device.type == "mps" else cpu_model()
-
-
 def as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1] on `device` (no normalisation):
     the input every model, logged or exported, takes."""

@@ -3,116 +3,65 @@
     mnist-pipeline export --variant mlp_relu_dropout
 
 Exports the served form of the checkpoint (dropout as identities, a softmax head: every variant
-outputs probabilities; `logged_model.inference_model`) to exports/<variant>/model.onnx (float32
-images (N, 1, 28, 28) in [0, 1], dynamic batch), quantises it to int8 weights in
-exports/<variant>/model.int8.onnx, and measures the three forms (torch eager, onnx, int8) on the
-full test set the ways a model is served: accuracy with the whole set in one batch and one image
-at a time (int8's dynamic quantisation scales activations per batch, so its accuracy depends on
-the batch), file size, and CPU latency at batch 1 and batch 1,000.
-
-metrics/export/<variant>.json holds what DVC compares and what is the same on every run (accuracy,
-bytes). Latencies differ from run to run: they go to MLflow only (metrics, and
-`export/benchmark.json` with the machine and versions), with both ONNX models (`record`).
+outputs probabilities; `models.inference_model`) to ONNX in exports/<variant>/ (float32 images
+(N, 1, 28, 28) in [0, 1], dynamic batch), and quantises it to int8 beside it.
+metrics/export/<variant>.json holds each form's size: the same on every host. What a host
+measures of the forms (latency, throughput, the int8 model's accuracy under its kernels) belongs
+to that host: `sync` measures it there and records it in MLflow only (`measure`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from mnist_pipeline import checkpoint, paths
-from mnist_pipeline.config import Params
-from mnist_pipeline.dataset import file_md5, load_dataset
-from mnist_pipeline.device import as_float
+from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.fileio import write_atomic, write_json_atomic
-from mnist_pipeline.logged_model import inference_model
-from mnist_pipeline.models import INPUT_SHAPE
+from mnist_pipeline.models import INPUT_SHAPE, inference_model
 
 if TYPE_CHECKING:
     import onnx
+    from torch import nn
 
 OPSET = 18  # ONNX Runtime 1.17+ runs it; the exporter's own default moves with torch releases
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-FORMS = ("torch", "onnx", "int8")  # the checkpoint in torch eager, its ONNX export, int8 ONNX
-# Latency: medians of this many timed calls after a warm-up; a few seconds per variant on 2 cores.
-CALLS = {1: 200, 1_000: 20}
-WARMUP = {1: 20, 1_000: 2}
+# int8 weights of 7 bits (`reduce_range`): on an x86 CPU without VNNI, ONNX Runtime's u8s8 kernels
+# add pairs of uint8 x int8 products into int16 (VPMADDUBSW), which saturates for 8-bit weights
+# (2 x 255 x 127 > 32,767) and cost logistic_regression 0.74 pt; with 7 bits (2 x 255 x 64 =
+# 32,640) nothing saturates, so every x86 CPU computes the same int8 products.
+QUANTISATION = {"per_channel": True, "reduce_range": True, "weight_type": "QInt8"}
 
 
-def export(params: Params, variant: str, root: Path) -> dict[str, float]:
-    """Write both ONNX forms of `variant`'s checkpoint, measure them with the checkpoint itself,
-    write the metrics, and record the forms and the measurements in the training run."""
-    from mnist_pipeline import record
-
-    outputs = paths.pipeline_outputs(root, variant)
-    model, _ = checkpoint.load(outputs.checkpoint, variant)  # first: a missing one is likeliest
-    store = record.open_store(root, params.data.dataset)
-    md5 = file_md5(outputs.checkpoint)
+def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
+    """Write both ONNX forms of the checkpoint in `outputs` and their sizes; return the sizes.
+    A failure leaves the previous export whole (everything is written once all succeeded)."""
+    model, _ = checkpoint.load(outputs.checkpoint, variant)
     served = inference_model(model)
+    md5 = file_md5(outputs.checkpoint)
     fp32 = _guarded(variant, "ONNX export", lambda: to_onnx(served, variant, md5))
+    _guarded(variant, "the ONNX check", lambda: check_onnx(served, fp32))
     int8 = _guarded(variant, "int8 quantisation", lambda: quantise(fp32))
-    data = load_dataset(root, params.data.dataset)
-    x = as_float(data.test_images, torch.device("cpu"))
-    y = data.test_labels.numpy()
-    runners = {
-        "torch": lambda: _torch_runner(served),
-        "onnx": lambda: _guarded(variant, "ONNX Runtime", lambda: _ort_runner(fp32)),
-        "int8": lambda: _guarded(variant, "ONNX Runtime", lambda: _ort_runner(int8)),
+    for target, data in ((outputs.onnx, fp32), (outputs.int8, int8)):
+        write_atomic(target, lambda tmp, data=data: tmp.write_bytes(data))
+    sizes = {
+        "torch/bytes": outputs.checkpoint.stat().st_size,
+        "onnx/bytes": len(fp32),
+        "int8/bytes": len(int8),
     }
-    inputs = {"torch": x, "onnx": x.numpy(), "int8": x.numpy()}
-    sizes = {"torch": outputs.checkpoint.stat().st_size, "onnx": len(fp32), "int8": len(int8)}
-    # One form at a time, each session made just before and dropped after: ONNX Runtime's
-    # threads spin a while after a call, which would slow the next form's measurement.
-    figures = {
-        form: measure(runners[form](), inputs[form], y) | {"bytes": sizes[form]} for form in FORMS
-    }
-
-    # Written once all is measured: a failure above leaves the previous export whole.
+    write_json_atomic(outputs.export_metrics, sizes)
+    shown = ", ".join(f"{k.split('/')[0]} {v / 1e3:.0f} kB" for k, v in sizes.items())
     folder = outputs.export_dir
-    for name, serialised in (
-        (record.EXPORT_FILES["onnx"], fp32),
-        (record.EXPORT_FILES["int8"], int8),
-    ):
-        write_atomic(folder / name, lambda tmp, data=serialised: tmp.write_bytes(data))
-    kept = {
-        f"{form}/{k}": _rounded(v)
-        for form in FORMS
-        for k, v in figures[form].items()
-        if "latency" not in k
-    }
-    write_json_atomic(outputs.export_metrics, kept)
-    training = record.Training(variant, outputs, params.data)
-    live = _benchmark(variant, md5, data.name, figures, y)
-    done = record.agree(store, training, parts=("export",), live_export=live)
-    print(f"{variant}: {_shown(figures)}")
-    print(
-        f"{variant}: wrote {folder.relative_to(root)}/, "
-        f"{outputs.export_metrics.relative_to(root)}; " + "; ".join(done)
-    )
-    return {f"{form}/{k}": v for form in FORMS for k, v in figures[form].items()}
+    print(f"{variant}: wrote {outputs.onnx.name}, {outputs.int8.name} in {folder} ({shown})")
+    return sizes
 
 
-def _shown(figures: dict) -> str:
-    return ", ".join(
-        f"{form} {f['accuracy']:.4f} (batch 1: {f['accuracy_b1']:.4f}; {f['bytes'] / 1e3:.0f} kB, "
-        f"{f['latency_b1_ms']:.3f} ms/b1, {f['latency_b1000_ms']:.2f} ms/b1000)"
-        for form, f in figures.items()
-    )
-
-
-def _rounded(value: float) -> float | int:
-    return value if isinstance(value, int) else round(float(value), 6)
-
-
-def _guarded(variant: str, what: str, step: Callable[[], Any]) -> Any:
+def _guarded(variant: str, what: str, step):
     """Run one step of the export; any failure is one PipelineError line naming the variant."""
     try:
         return step()
@@ -120,9 +69,6 @@ def _guarded(variant: str, what: str, step: Callable[[], Any]) -> Any:
         raise
     except Exception as err:
         raise PipelineError(f"{variant}: {what} failed ({first_line(err)})") from err
-
-
-# --- the two ONNX forms ---------------------------------------------------------------------------
 
 
 def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str) -> bytes:
@@ -161,25 +107,40 @@ def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str) -> bytes:
     return proto.SerializeToString()
 
 
+def check_onnx(served: nn.Sequential, fp32: bytes) -> None:
+    """The export computes what the checkpoint computes: the same probabilities for a batch of
+    seeded random images (ONNX Runtime against torch), before anything is written."""
+    import onnxruntime as ort
+
+    x = torch.rand(64, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = served(x).numpy()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
+    session = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    if not np.allclose(got, expected, atol=1e-5):
+        worst = float(np.abs(got - expected).max())
+        raise PipelineError(f"the ONNX model's probabilities differ from torch's by {worst:.2g}")
+
+
 def quantise(fp32: bytes) -> bytes:
-    """int8 weights, activations quantised per batch at run time (ONNX Runtime's dynamic
-    quantisation): no calibration data, and the activation range always fits the batch.
+    """int8 weights (QUANTISATION), activations quantised per batch at run time (ONNX Runtime's
+    dynamic quantisation): no calibration data, and the activation range always fits the batch.
 
     ORT quantises MatMul, not Gemm (what nn.Linear exports to), dynamically: each Gemm becomes
-    MatMul + Add first. Weights per output channel: one scale per column keeps small columns
-    precise. Pre-processed for shapes only: ORT's graph optimisation there would fuse MatMul + Add
-    back into Gemm."""
-    import tempfile
-
+    MatMul + Add first. Pre-processed for shapes only: ORT's graph optimisation there would fuse
+    MatMul + Add back into Gemm."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    settings = {**QUANTISATION, "weight_type": QuantType[QUANTISATION["weight_type"]]}
     model = _gemm_as_matmul(onnx.load_from_string(fp32))
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(model, source, skip_optimization=True)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(source, target, **settings)
         return target.read_bytes()
 
 
@@ -215,80 +176,3 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]  # shapes of the old layout; the quantiser infers them again
     return model
-
-
-# --- measuring ------------------------------------------------------------------------------------
-
-Runner = Callable[[Any], np.ndarray]
-
-
-def _torch_runner(served: nn.Sequential) -> Runner:
-    def run(batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return served(batch).numpy()
-
-    return run
-
-
-def _ort_runner(model: bytes) -> Runner:
-    """An ONNX Runtime CPU session (default threads and graph optimisations)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {INPUT_NAME: batch})[0]
-
-
-def measure(run: Runner, x: Any, y: np.ndarray) -> dict[str, float]:
-    """Accuracy over the whole test set in one batch and one image at a time, and the median
-    latency in ms of one call at batch 1 and at batch 1,000 (the test images, repeated if there
-    are fewer)."""
-    figures = {
-        "accuracy": float((run(x).argmax(1) == y).mean()) if len(y) else 0.0,
-        "accuracy_b1": sum(int(run(x[i : i + 1]).argmax(1)[0] == y[i]) for i in range(len(y)))
-        / max(len(y), 1),
-    }
-    for size, calls in CALLS.items():
-        index = np.arange(size * (WARMUP[size] + calls)) % len(y)
-        batches = [x[index[i : i + size]] for i in range(0, len(index), size)]
-        seconds = []
-        for i, batch in enumerate(batches):
-            start = time.perf_counter()
-            run(batch)
-            if i >= WARMUP[size]:
-                seconds.append(time.perf_counter() - start)
-        figures[f"latency_b{size}_ms"] = statistics.median(seconds) * 1e3
-    return figures
-
-
-def _benchmark(variant, md5, dataset, figures, y) -> dict[str, Any]:
-    """Everything measured, and what it depends on (versions, the CPU, thread counts)."""
-    import onnx
-    import onnxruntime as ort
-    import onnxscript
-
-    from mnist_pipeline.tracking import cpu_model
-
-    return {
-        "variant": variant,
-        "checkpoint_md5": md5,
-        "dataset": dataset,
-        "test_images": len(y),
-        "forms": {form: {k: _rounded(v) for k, v in figures[form].items()} for form in FORMS},
-        "latency": {
-            "unit": "ms, median of one call",
-            "calls": {f"batch_{k}": v for k, v in CALLS.items()},
-            "warmup_calls": {f"batch_{k}": v for k, v in WARMUP.items()},
-            "torch_threads": torch.get_num_threads(),
-            "onnxruntime_provider": "CPUExecutionProvider",
-        },
-        "int8": "ONNX Runtime dynamic quantisation: int8 weights per channel, uint8 activations",
-        "cpu": cpu_model(),
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "onnxscript": onnxscript.__version__,
-        },
-    }

@@ -109,6 +109,24 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
     return torch.cat(preds), loss_sum / max(len(y), 1)
 
 
+def inference_model(model: nn.Sequential) -> nn.Sequential:
+    """The served form of `model`, one contract for every variant: a CPU copy in eval mode that
+    takes float32 images (N, 1, 28, 28) in [0, 1] and outputs class probabilities (N, 10):
+    dropout as identities, a Softmax appended to a logits head. Plain stock layers, so it loads
+    on a host that has torch and not this package. The trained weights are copied, not changed."""
+    import copy
+
+    from torch import nn
+
+    layers = [
+        nn.Identity() if isinstance(layer, nn.Dropout) else layer
+        for layer in copy.deepcopy(model).cpu()
+    ]
+    if not isinstance(layers[-1], nn.Softmax):
+        layers.append(nn.Softmax(dim=1))
+    return nn.Sequential(*layers).eval()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

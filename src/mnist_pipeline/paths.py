@@ -1,4 +1,5 @@
-"""Every path the pipeline reads or writes, named in one place (dvc.yaml mirrors these)."""
+"""Every path the pipeline reads or writes, and every output's file name, in one place (dvc.yaml
+names the same paths)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS_FILE = "params.yaml"
+ONE_OFF_DIR = "one-off"  # git-ignored; DVC knows nothing of it
+CHECKPOINT_FILE = "model.pt"  # models/<variant>/
+ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"  # exports/<variant>/
+# data/<dataset>/: the four IDX files, uncompressed (the mirrors serve them as <name>.gz)
+DATA_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def project_root() -> Path:
@@ -25,8 +36,18 @@ def data_dir(root: Path, dataset: str) -> Path:
     return root / "data" / dataset
 
 
-def checkpoint_path(root: Path, variant: str) -> Path:
-    return root / "models" / variant / "model.pt"
+@dataclass(frozen=True)
+class Report:
+    """The report's files: every variant in a table (Markdown and CSV) and a chart."""
+
+    markdown: Path
+    csv: Path
+    chart: Path
+
+
+def report_outputs(root: Path) -> Report:
+    folder = root / "reports"
+    return Report(folder / "results.md", folder / "results.csv", folder / "results.png")
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -37,12 +58,9 @@ def default_artifact_location(root: Path) -> str:
     return (root / "mlartifacts").as_uri()
 
 
-ONE_OFF_DIR = "one-off"  # git-ignored; DVC knows nothing of it
-
-
 @dataclass(frozen=True)
 class Outputs:
-    """Where one variant's training and evaluation write. The pipeline's are DVC outputs
+    """Where one variant's training, evaluation and export write. The pipeline's are DVC outputs
     (dvc.yaml names the same paths); a one-off run's (a recipe that differs from params.yaml)
     sit together under one-off/<variant>/, so the pipeline's outputs never change under DVC."""
 
@@ -55,10 +73,18 @@ class Outputs:
     export_metrics: Path | None = None
     one_off: bool = False
 
+    @property
+    def onnx(self) -> Path | None:
+        return self.export_dir / ONNX_FILE if self.export_dir else None
+
+    @property
+    def int8(self) -> Path | None:
+        return self.export_dir / INT8_FILE if self.export_dir else None
+
 
 def pipeline_outputs(root: Path, variant: str) -> Outputs:
     return Outputs(
-        checkpoint=checkpoint_path(root, variant),
+        checkpoint=root / "models" / variant / CHECKPOINT_FILE,
         train_metrics=root / "metrics" / "train" / f"{variant}.json",
         history=root / "plots" / "train" / f"{variant}.csv",
         test_metrics=root / "metrics" / "test" / f"{variant}.json",
@@ -71,10 +97,14 @@ def pipeline_outputs(root: Path, variant: str) -> Outputs:
 def one_off_outputs(root: Path, variant: str) -> Outputs:
     folder = root / ONE_OFF_DIR / variant
     return Outputs(
-        checkpoint=folder / "model.pt",
+        checkpoint=folder / CHECKPOINT_FILE,
         train_metrics=folder / "train.json",
         history=folder / "history.csv",
         test_metrics=folder / "test.json",
         predictions=folder / "predictions.csv",
         one_off=True,
     )
+
+
+def outputs_for(root: Path, variant: str, *, one_off: bool) -> Outputs:
+    return one_off_outputs(root, variant) if one_off else pipeline_outputs(root, variant)

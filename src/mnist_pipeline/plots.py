@@ -164,8 +164,9 @@ def _compact(value: float) -> str:
 
 
 def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Grouped bars: test accuracy and throughput per variant, one colour per host · device;
-    the legend above the panels, where it covers no bar."""
+    """Per variant, one colour per host · device: test accuracy and training throughput as
+    bars; batch-1 inference latency of each form (PyTorch ●, ONNX ■, int8 ▲) as dots. The legend
+    above the panels, where it covers no bar."""
     import numpy as np
 
     plt = _pyplot()
@@ -174,20 +175,31 @@ def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
     y = np.arange(len(variants))
     height = 0.8 / max(len(groups), 1)
     fig, axes = plt.subplots(
-        1, 2, figsize=(12, 2.2 + 0.4 * len(variants) * max(len(groups), 1.5)), sharey=True
+        1, 3, figsize=(16, 2.2 + 0.4 * len(variants) * max(len(groups), 1.5)), sharey=True
     )
     panels = (
         ("test/accuracy", 100, "test accuracy, %", "{:.2f}"),
         ("time/median_samples_per_second", 1, "training images per second (log scale)", "{:,.0f}"),
     )
-    for ax, (metric, scale, label, fmt) in zip(axes, panels, strict=True):
+    colours = {}
+    for ax, (metric, scale, label, fmt) in zip(axes, panels, strict=False):
         for i, group in enumerate(groups):
             values = table[(group, metric)].to_numpy(dtype=float) * scale
             bars = ax.barh(y + i * height, np.nan_to_num(values), height, label=group)
+            colours[group] = bars.patches[0].get_facecolor() if len(bars.patches) else None
             text = ["" if np.isnan(v) else fmt.format(v) for v in values]
             ax.bar_label(bars, labels=text, fontsize=7, padding=2)
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
+    forms = (("inference/latency_b1_ms", "o"), ("onnx/inference/latency_b1_ms", "s"))
+    forms += (("int8/inference/latency_b1_ms", "^"),)
+    for i, group in enumerate(groups):
+        for metric, marker in forms:
+            values = table[(group, metric)].to_numpy(dtype=float)
+            axes[2].scatter(values, y + i * height, marker=marker, color=colours[group], s=22)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("inference latency at batch 1, ms (log): torch ●, onnx ■, int8 ▲")
+    axes[2].grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y + height * (len(groups) - 1) / 2, variants, fontsize=8)
     axes[0].invert_yaxis()
     accuracy = table.xs("test/accuracy", axis=1, level=1).to_numpy(dtype=float) * 100

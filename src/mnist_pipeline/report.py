@@ -1,6 +1,6 @@
 """Stage 4, `mnist-pipeline report`: every variant side by side, from the DVC metrics files.
 
-mnist-pipeline report      # -> reports/results.md, reports/results.csv, reports/results.png
+mnist-pipeline report      # -> reports/: a Markdown and a CSV table, and a chart
 """
 
 from __future__ import annotations
@@ -47,19 +47,19 @@ def collect(params: Params, root: Path):
     return pd.DataFrame(rows)
 
 
-def report(params: Params, root: Path) -> Path:
+def report(params: Params, root: Path) -> paths.Report:
     table = collect(params, root)
-    out = root / "reports"
+    out = paths.report_outputs(root)
     shown = table.copy()
     for col in ("val_accuracy", "test_accuracy", "test_f1_macro"):
         shown[col] = (shown[col] * 100).map(lambda v: f"{v:.2f}%" if v == v else "")
     shown["test_loss"] = shown["test_loss"].map("{:.4f}".format)
     shown["params"] = shown["params"].map("{:,}".format)
     title = f"# Results: {params.data.dataset}, test set (10,000 images)\n\n"
-    write_text_atomic(out / "results.md", title + shown.to_markdown(index=False) + "\n")
-    write_text_atomic(out / "results.csv", table.to_csv(index=False))
-    write_atomic(out / "results.png", lambda tmp: plots.results(table, tmp, params.data.dataset))
+    write_text_atomic(out.markdown, title + shown.to_markdown(index=False) + "\n")
+    write_text_atomic(out.csv, table.to_csv(index=False))
+    write_atomic(out.chart, lambda tmp: plots.results(table, tmp, params.data.dataset))
     print(shown.to_markdown(index=False))
-    for name in ("results.md", "results.csv", "results.png"):
-        print(f"wrote {(out / name).relative_to(root)}")
+    for path in (out.markdown, out.csv, out.chart):
+        print(f"wrote {path.relative_to(root)}")
     return out

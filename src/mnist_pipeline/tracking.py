@@ -1,5 +1,5 @@
-"""Where runs go, whether that store can be used, and what describes the machine they ran on:
-plain functions for `record.py`, which makes the runs, and for `compare.py`, which reads them."""
+"""Where runs go and whether that store can be used: the tracking URI and experiment, the checks
+that it answers and accepts this account, and the one way this package reaches it."""
 
 from __future__ import annotations
 
@@ -7,23 +7,14 @@ import contextlib
 import functools
 import hashlib
 import os
-import platform
 import re
-import socket
 import sqlite3
-import subprocess
 import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
 
-if TYPE_CHECKING:
-    from mnist_pipeline.config import DataConfig
-
-HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 _ACCOUNT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # what names the user
 
@@ -201,159 +192,12 @@ def run_experiment_id(dataset: str, root: Path) -> str:
         return experiment.experiment_id
 
 
-def host_label() -> str:
-    return os.environ.get(HOST_ENV) or socket.gethostname()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit(root: Path) -> str:
-    """HEAD's commit, `-dirty` when the code in src/ has uncommitted changes."""
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src").stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def machine_tags() -> dict[str, str]:
-    """What describes the machine a run ran on (on a cluster: its node)."""
-    import torch
-
-    return {
-        "host": host_label(),
-        "hostname": socket.gethostname(),
-        "cpu.model": cpu_model(),
-        "torch.version": torch.__version__,
-        "cuda.version": torch.version.cuda or "none",
-        "platform": platform.platform(),
-    }
-
-
 def client():
     """A client of the current tracking store (`mlflow.set_tracking_uri`): the one way this
     package reaches it, as MLflow keeps one store object per URI."""
     import mlflow
 
     return mlflow.MlflowClient()
-
-
-# --- what the MLflow UI shows: run names, datasets, descriptions, logged models ---------------
-
-NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
-RUN_KIND_TAG = "run.kind"  # "pipeline" (the params.yaml recipe) or "one-off" (CLI overrides)
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens the experiment on
-
-
-def run_name(variant: str) -> str:
-    """`ffn3_relu@gpu-box`: two hosts' runs of one variant are told apart in every UI list."""
-    return f"{variant}@{host_label()}"
-
-
-def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
-    """The data set as MLflow dataset inputs, by context: `training`, `validation` (the held-out
-    split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
-    derives from the content checksum, so runs on the same data show the same digest on any host;
-    the source is the data set's first public mirror."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-
-    dataset = data.dataset
-    mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
-    source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
-
-    def entry(split: str, detail: str) -> MetaDataset:
-        digest = hashlib.md5(f"{checksum}/{split}/{detail}".encode()).hexdigest()
-        return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
-
-    split = f"val_size={val_size},seed={seed}"
-    return {
-        "training": entry("train", split),
-        "validation": entry("validation", split),
-        "evaluation": entry("test", "t10k"),
-    }
-
-
-# How a store refuses a second insert of the same key: PostgreSQL (psycopg), SQLite, MySQL.
-_DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry")
-
-
-def log_datasets(client, run_id: str, found: dict) -> None:
-    """Log dataset inputs {context: dataset} to a run.
-
-    Two hosts (or two queued jobs) starting on the same data at once race in MLflow's store: it
-    looks the datasets up, then inserts the missing ones, and the second insert breaks the unique
-    key (experiment, name, digest). The store rolls that call back whole, so trying again finds
-    the other host's dataset and links it."""
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    inputs = [
-        DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-        for context, ds in found.items()
-    ]
-    for attempt in (1, 2, 3):
-        try:
-            client.log_inputs(run_id, datasets=inputs)
-            return
-        except MlflowException as err:
-            if attempt == 3 or not any(key in str(err) for key in _DUPLICATE_KEY):
-                raise
-            time.sleep(0.1 * attempt)
-
-
-def describe_experiment(experiment_id: str, dataset: str) -> None:
-    """Give the experiment a description and mark it a model-training experiment, once (a
-    user's own edits are kept). MLflow 3's UI opens an experiment of unknown kind on its GenAI
-    (traces) overview; this kind opens on the training runs."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    experiment = mlflow.get_experiment(experiment_id)
-    note = (
-        f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
-        "variant per host, named `variant@host`. Which variant is best: sort the runs by the "
-        "`test/accuracy` column. How hosts compare: group the runs by the `variant` tag (each "
-        "group then holds one variant's runs from every host), or `mnist-pipeline compare`. "
-        "Runs tagged `run.kind=one-off` used a recipe other than params.yaml's; "
-        "`record.source=outputs` marks a run rebuilt from the pipeline's outputs (no timings). "
-        "Each variant's best model is `models:/<dataset>-<variant>@champion`."
-    )
-    tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: note}
-    for key, value in tags.items():
-        if key in experiment.tags:
-            continue
-        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
-        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
-        with contextlib.suppress(MlflowException):
-            client().set_experiment_tag(experiment_id, key, value)
-
-
-def logged_model_id(run, name: str) -> str | None:
-    import mlflow
-
-    found = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
-        output_format="list",
-    )
-    return found[0].model_id if found else None
 
 
 # The local store's tables that hold absolute artifact paths (MLflow records them resolved).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -25,17 +24,24 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mnist_pipeline import paths, record, tracking
+from mnist_pipeline import paths
 from mnist_pipeline.config import Params, Recipe, SearchSpace
 from mnist_pipeline.dataset import Dataset, load_dataset
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.record import search as record
+from mnist_pipeline.record import store as runs
+from mnist_pipeline.trial import (
+    DIVERGED,
+    METRIC,
+    MODE,
+    RUN_ID_KEY,
+    TrialJob,
+    recipe_for,
+    run_trial,
+    tensor_digest,
+)
 
-METRIC, MODE = "val_accuracy", "max"
-DIVERGED = "diverged"  # in a trial's last result: its loss became NaN or infinite
-RUN_ID_KEY = "mlflow_run_id"  # each trial reports its child run's id with its results
-NODE_TAG = "ray.node_id"
 REDUCTION_FACTOR = 2  # ASHA keeps the better half at each rung (epochs 1, 2, 4, ...)
 
 
@@ -53,18 +59,6 @@ class TuneOptions:
 
 
 @dataclass(frozen=True)
-class TrialJob:
-    """What every trial needs, shipped to the nodes with the trainable."""
-
-    variant: str
-    params: Params
-    experiment_id: str
-    parent_run_id: str
-    tags: dict[str, str]
-    data_digest: str
-
-
-@dataclass(frozen=True)
 class SearchResult:
     run_id: str
     best_recipe: Recipe
@@ -73,133 +67,32 @@ class SearchResult:
     outcomes: dict[str, int]
 
 
-def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
-    """The variant's recipe with a trial's lr, batch size and epochs."""
-    return dataclasses.replace(
-        params.recipe(variant),
-        lr=float(config["lr"]),
-        batch_size=int(config["batch_size"]),
-        epochs=int(config["epochs"]),
-    )
-
-
-def tensor_digest(data: Dataset) -> str:
-    """The MD5 of the training tensors: what a trial checks on the copy it received."""
-    digest = hashlib.md5()
-    for tensor in (data.train_images, data.train_labels):
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-# --- the trial: runs in a Ray worker on whichever node Tune placed it ----------------------
-
-
-def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
-    """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
-    import ray
-    from ray import tune as ray_tune
-
-    from mnist_pipeline.device import device_name, resolve_device
-    from mnist_pipeline.train import Diverged, fit, set_up
-
-    if tensor_digest(data) != job.data_digest:
-        raise PipelineError(f"{job.variant}: the data reached this node altered; not training")
-    params, settings = job.params, job.params.train
-    recipe = recipe_for(params, job.variant, config)
-    device = resolve_device(settings.device)
-    setup = set_up(job.variant, recipe, settings, data, device)
-    trial_id = ray_tune.get_context().get_trial_id()
-    tags = {
-        **tracking.machine_tags(),  # this node's host, CPU, torch
-        **job.tags,  # the driver's: variant, data set, code version, run kind
-        "device": device.type,
-        "device.name": device_name(device),
-        NODE_TAG: ray.get_runtime_context().get_node_id(),
-        record.TRIAL_TAG: trial_id,
-    }
-    # A child of the search's run, on the store _ray named in every worker's environment.
-    with record.started_run(
-        job.experiment_id,
-        name=f"{job.variant}-{trial_id}",
-        tags=tags,
-        system_metrics=True,
-        parent_run_id=job.parent_run_id,
-    ) as run:
-        values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
-        record.log_recipe(
-            run.info.run_id, job.variant, values, data=params.data, checksum=data.checksum, extra={}
-        )
-        report = _Reporter(run.info.run_id, setup.model, record.EpochLogger())
-        try:
-            fitted = fit(
-                setup, recipe=recipe, keep=settings.keep, on_epoch=report, label=job.variant
-            )
-        except Diverged as err:  # a recipe's fault: reported, not retried
-            report.diverged(err)
-            raise record.EndRun("FAILED") from None
-        record.log_timings(fitted.history)  # what `compare` shows beside the accuracy
-        record.set_outcome(run.info.run_id, "completed")
-
-
-@dataclass
-class _Reporter:
-    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint
-    when the validation accuracy improved (the trial's kept epoch, as `train.keep: best`)."""
-
-    run_id: str
-    model: Any
-    log_epoch: record.EpochLogger
-    best: float = -1.0
-    epoch: int = 0  # the last one reported
-
-    def __call__(self, row: dict[str, float], epoch: int) -> None:
-        import torch
-        from ray import tune as ray_tune
-
-        self.log_epoch(row, epoch)
-        self.epoch = epoch
-        metrics = {
-            "epoch": epoch,
-            METRIC: row.get("val/accuracy", row["train/accuracy"]),
-            "train_loss": row["train/loss"],
-            RUN_ID_KEY: self.run_id,
-        }
-        if metrics[METRIC] <= self.best:
-            ray_tune.report(metrics)
-            return
-        self.best = metrics[METRIC]
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(self.model.state_dict(), Path(folder) / "model.pt")
-            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
-
-    def diverged(self, err: Exception) -> None:
-        """The run says why; Tune, which wants the metric in a trial's last result, gets a
-        score of nothing, marked so the search never picks this recipe."""
-        from ray import tune as ray_tune
-
-        record.set_outcome(self.run_id, "diverged", str(err))
-        last = {METRIC: 0.0, "epoch": self.epoch + 1, DIVERGED: 1, RUN_ID_KEY: self.run_id}
-        ray_tune.report(last)
-
-
 # --- the driver ---------------------------------------------------------------------------
 
 
 def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
     """Search `variant`'s recipe; record the search as a parent run and each trial as a child."""
     space = params.search_space(variant)
-    store = record.open_store(root, params.data.dataset)  # fails fast: before any work
+    store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     _check_store_for_cluster(store.uri, address)
     data = load_dataset(root, params.data.dataset)
     description = _describe(space, options, variant)
-    with _ray(address, store.uri), record.search_run(store, variant, description) as parent:
+    split = {"val_size": params.train.val_size, "seed": params.train.seed}
+    inputs = runs.datasets(params.data, data.checksum, **split)
+    used = {
+        c: inputs[c] for c in ("training", "validation") if c != "validation" or split["val_size"]
+    }
+    with (
+        _ray(address, store.uri),
+        record.search_run(store, variant, description, used) as parent,
+    ):
         job = TrialJob(
             variant=variant,
             params=params,
             experiment_id=store.experiment_id,
             parent_run_id=parent.info.run_id,
-            tags=record.shared_tags(store, variant=variant, one_off=True),
+            tags=record.search_tags(store, variant, "trial"),
             data_digest=tensor_digest(data),
         )
         outcomes = _trial_outcomes(store.experiment_id)
@@ -213,7 +106,7 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
         result = None
         with contextlib.suppress(PipelineError):
             result = _conclude(grid, job, outcomes, parent.info.run_id)
-        raise record.EndRun("KILLED")
+        raise runs.EndRun("KILLED")
     done = f"; the best so far: MLflow run {result.run_id}" if result else ""
     raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
 
@@ -378,8 +271,10 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
     if checkpoint is not None:
         model = build_model(job.variant, use_dropout=recipe.use_dropout)
         with checkpoint.as_directory() as folder:
-            model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu"))
-        model_id = record.log_trial_model(run_id, model, job.variant, values)
+            model.load_state_dict(
+                torch.load(Path(folder) / paths.CHECKPOINT_FILE, map_location="cpu")
+            )
+        model_id = record.log_best_model(parent_run_id, model, values)
     chosen = {**values, "run_id": run_id, "model_id": model_id}
     best_params = {f"best.{k}": v for k, v in chosen.items()}
     record.end_search(parent_run_id, outcomes.counts, best=best_params, accuracy=accuracy)

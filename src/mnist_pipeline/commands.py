@@ -1,0 +1,144 @@
+"""What each `mnist-pipeline` command does, below the command line: a stage's computation (the
+stage module, which writes the outputs DVC tracks), then its record in MLflow (`record`).
+
+Neither this module nor `cli.py` is a dependency of a stage in dvc.yaml: they decide which
+computation runs and when it is recorded, not what it writes, so editing them retrains nothing.
+Each command imports only its own stage (a stage module imports torch, MLflow or ONNX: a command
+pays for what it uses), and only the recording it makes.
+
+The pipeline's outputs are recorded by `sync`, dvc.yaml's last stage, for every variant in one
+process: `train` records its live run (the epochs as they end, system metrics, timings, the
+model), `evaluate` and `export` compute only. A one-off training (a recipe other than
+params.yaml's, outside DVC) is recorded by its own commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mnist_pipeline import paths, signals
+from mnist_pipeline.config import Params, check_variant, with_overrides
+from mnist_pipeline.errors import PipelineError
+
+SYNC_HINT = "MLflow records it at the end of `dvc repro` (or `mnist-pipeline sync`)"
+
+
+def download(params: Params, root: Path) -> None:
+    from mnist_pipeline.download import download
+
+    download(params.data, root)
+
+
+def train(params: Params, variant: str, root: Path, overrides: dict) -> str:
+    """Train `variant` (its params.yaml recipe, with `overrides`: a one-off when they change it)
+    in a live MLflow run; the run's id. Ctrl-C and SIGTERM end the run KILLED between two steps
+    and save nothing; once saving has begun, a signal waits for the record to be complete."""
+    from mnist_pipeline import train as stage
+    from mnist_pipeline.device import resolve_device
+    from mnist_pipeline.models import count_parameters
+    from mnist_pipeline.record import store as runs
+    from mnist_pipeline.record import training as record
+
+    recipe = with_overrides(params, check_variant(variant), **overrides)
+    outputs = paths.outputs_for(root, variant, one_off=recipe != params)
+    resolve_device(recipe.train.device)  # a device this host lacks: before the store is touched
+    store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
+    job = stage.prepare(recipe, variant, root, outputs)
+    training = record.Training(variant, outputs, params.data)
+    extra = {
+        "device_resolved": job.device.type,
+        "dataset": job.data.name,
+        "train_size": len(job.setup.train.y),
+        "num_params": count_parameters(job.setup.model),
+    }
+    values, checksum = job.values, job.data.checksum
+    with signals.between_steps():
+        with record.live_run(
+            store, training, recipe=values, checksum=checksum, device=job.device, extra=extra
+        ) as live:
+            fitted = stage.run(job, live.log_epoch)
+            _check_logged(live.log_epoch.error, variant, outputs, root, store.uri)
+            record.log_timings(live.run.info.run_id, fitted.history)
+        record.record_training(live.run.info.run_id, training, live=live.log_epoch)
+        if signals.received():
+            print(f"{variant}: a signal came while saving; the run is done")
+    where = outputs.checkpoint.relative_to(root)
+    print(f"{variant}: MLflow run {live.run.info.run_id} ({live.run.info.run_name}), {where}")
+    if outputs.one_off:
+        print(
+            f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
+            f"`mnist-pipeline evaluate --variant {variant} --one-off`"
+        )
+    return live.run.info.run_id
+
+
+def _check_logged(error: str | None, variant: str, outputs, root: Path, uri: str) -> None:
+    """A store that failed mid-run: the results are saved; say how to record them."""
+    if error is None:
+        return
+    saved = ", ".join(str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics))
+    again = (
+        f"mnist-pipeline evaluate --variant {variant} --one-off"
+        if outputs.one_off
+        else "mnist-pipeline sync"
+    )
+    raise PipelineError(
+        f"{variant}: the tracking store at {uri} failed during training ({error}); training "
+        f"finished and its results are saved ({saved}). When the store takes them again (it "
+        f"answers, or accepts this account), `{again}` records them (or re-run the training)"
+    )
+
+
+def evaluate(params: Params, variant: str, root: Path, *, one_off: bool) -> None:
+    """Score the pipeline's checkpoint (or the one-off's, which is recorded at once)."""
+    from mnist_pipeline.evaluate import evaluate
+
+    outputs = paths.outputs_for(root, check_variant(variant), one_off=one_off)
+    if not one_off:
+        evaluate(params, variant, root, outputs)
+        print(f"{variant}: {SYNC_HINT}")
+        return
+    from mnist_pipeline.record import agree, store, training
+
+    found = store.open_store(root, params.data.dataset)  # fails fast: before any work
+    evaluate(params, variant, root, outputs)
+    for line in agree.agree(found, training.Training(variant, outputs, params.data)):
+        print(f"{variant}: {line}")
+
+
+def export(params: Params, variant: str, root: Path) -> None:
+    from mnist_pipeline.export import export
+
+    export(check_variant(variant), paths.pipeline_outputs(root, variant))
+    print(f"{variant}: {SYNC_HINT}, with what this host measures of each form")
+
+
+def report(params: Params, root: Path) -> None:
+    from mnist_pipeline.report import report
+
+    report(params, root)
+
+
+def sync(params: Params, root: Path, *, verify: bool) -> None:
+    from mnist_pipeline.record.agree import sync
+
+    sync(params, root, verify=verify)
+
+
+def compare(params: Params, root: Path, **options) -> None:
+    from mnist_pipeline.compare import compare
+
+    for variant in options.get("variants") or ():
+        check_variant(variant)
+    compare(params, root, **options)
+
+
+def tune(params: Params, variant: str, root: Path, options: dict, *, apply: Path | None) -> None:
+    """Search `variant`'s recipe; with `apply`, write the best into that params file."""
+    from mnist_pipeline.config import apply_recipe
+    from mnist_pipeline.tune import TuneOptions, tune
+
+    params.search_space(check_variant(variant))  # a bad or missing tune: section, before Ray
+    result = tune(params, variant, root, TuneOptions(**options))
+    if apply is not None:
+        apply_recipe(apply, variant, result.best_recipe)

@@ -1,0 +1,106 @@
+"""What machine this is and which code it runs: the host label, the CPU and the instruction sets
+that decide its kernels, the GPU, the library versions, and the git state of the checkout."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
+# CPU flags (as /proc/cpuinfo names them) that decide which kernels torch, oneDNN, MKL and ONNX
+# Runtime choose: the speed of every form, and the rounding of int8 (VNNI or not) and of training.
+ISA_FLAGS = {
+    "avx2": "avx2",
+    "avx512": "avx512f",
+    "vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+    "amx": "amx_int8",
+}
+# Settings that pin the libraries' CPU code paths (README "Reproducible bytes"): recorded on a
+# run when set, so that a run says which path made its bytes.
+ISA_PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def host_label() -> str:
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def run_name(variant: str) -> str:
+    """`ffn3_relu@gpu-box`: two hosts' runs of one variant are told apart in every UI list."""
+    return f"{variant}@{host_label()}"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_tags() -> dict[str, str]:
+    """The CPU model, yes/no for each instruction set in ISA_FLAGS, and any pinned code path."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    tags = {"cpu.model": cpu_model()}
+    tags |= {f"cpu.{name}": "yes" if flag in flags else "no" for name, flag in ISA_FLAGS.items()}
+    pins = [f"{name}={os.environ[name]}" for name in ISA_PINS if os.environ.get(name)]
+    tags["cpu.isa_pinned"] = " ".join(pins) or "no"
+    return tags
+
+
+def machine_tags(device=None) -> dict[str, str]:
+    """What describes the machine a run ran on (on a cluster: its node); with a `torch.device`,
+    the device too: its type, its name, and a GPU's compute capability."""
+    import torch
+
+    tags = {
+        "host": host_label(),
+        "hostname": socket.gethostname(),
+        **cpu_tags(),
+        "torch.version": torch.__version__,
+        "cuda.version": torch.version.cuda or "none",
+        "platform": platform.platform(),
+    }
+    if device is not None:
+        tags |= {"device": device.type, "device.name": device_name(device)}
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            tags["device.compute_capability"] = f"{major}.{minor}"
+    return tags
+
+
+def device_name(device) -> str:
+    """The GPU's model, or the CPU's."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "Apple MPS" if device.type == "mps" else cpu_model()
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, `-dirty` when the code in src/ has uncommitted changes."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")

@@ -1,0 +1,103 @@
+"""What a host measures of a checkpoint's three forms: inference latency (batch 1, median and 95th
+percentile) and throughput (batch 256) of the PyTorch model on the run's device and of the ONNX
+fp32 and int8 models under ONNX Runtime on the CPU, and each ONNX form's test accuracy as this
+host's kernels compute it (the whole test set in one batch, and one image at a time: int8's
+dynamic quantisation scales activations per batch). These figures belong to the host, not to
+the bytes: `sync` measures them once per host and checkpoint, into MLflow only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from mnist_pipeline import host
+
+FORMS = ("torch", "onnx", "int8")
+CALLS = {1: 200, 256: 20}  # timed calls per batch size, after WARMUP: well under a second
+WARMUP = {1: 20, 256: 2}
+Runner = Callable[[Any], Any]
+
+
+def measure(
+    served: torch.nn.Module, onnx_models: dict[str, bytes], x, y, device, *, latency: bool = True
+) -> dict:
+    """{form: figures} for the served PyTorch model on `device` and each ONNX model (`onnx`,
+    `int8`: serialised) on the CPU, over the test images `x` (float32 (N, 1, 28, 28), CPU) and
+    labels `y` (numpy); without `latency`, the ONNX forms' accuracy alone. One form at a time,
+    each session made just before and dropped after: ONNX Runtime's threads spin a while after
+    a call, which would slow the next form's."""
+    figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
+    images = x.numpy()
+    for form, model in onnx_models.items():
+        run = _ort_runner(model)
+        figures[form] = (_timings(run, images) if latency else {}) | _accuracy(run, images, y)
+    return figures
+
+
+def conditions(device) -> dict[str, Any]:
+    """What the figures depend on: the machine, the libraries, the threads, the calls."""
+    return {
+        "host": host.host_label(),
+        "device": str(device),
+        "cpu": host.cpu_tags(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime_provider": "CPUExecutionProvider",
+        "calls": {f"batch_{k}": v for k, v in CALLS.items()},
+        "warmup_calls": {f"batch_{k}": v for k, v in WARMUP.items()},
+    }
+
+
+def _torch_runner(served: torch.nn.Module, device) -> Runner:
+    def run(batch: torch.Tensor):
+        with torch.inference_mode():
+            out = served(batch.to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+
+    return run
+
+
+def _ort_runner(model: bytes) -> Runner:
+    """An ONNX Runtime CPU session (default threads and graph optimisations)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _timings(run: Runner, x) -> dict[str, float]:
+    """Latency at batch 1 (median and 95th percentile, ms) and throughput at batch 256
+    (images per second, from the median call), on the test images (repeated if fewer)."""
+    figures = {}
+    for size, calls in CALLS.items():
+        index = np.arange(size * (WARMUP[size] + calls)) % len(x)
+        batches = [x[index[i : i + size]] for i in range(0, len(index), size)]
+        seconds = []
+        for i, batch in enumerate(batches):
+            start = time.perf_counter()
+            run(batch)
+            if i >= WARMUP[size]:
+                seconds.append(time.perf_counter() - start)
+        if size == 1:
+            figures["latency_b1_ms"] = statistics.median(seconds) * 1e3
+            figures["latency_b1_p95_ms"] = statistics.quantiles(seconds, n=20)[-1] * 1e3
+        else:
+            figures[f"throughput_b{size}"] = size / statistics.median(seconds)
+    return figures
+
+
+def _accuracy(run: Runner, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    whole = float((run(x).argmax(1) == y).mean())
+    one_by_one = sum(int(run(x[i : i + 1]).argmax(1)[0] == y[i]) for i in range(len(y)))
+    return {"accuracy": whole, "accuracy_b1": one_by_one / len(y)}

@@ -1,0 +1,218 @@
+"""Agreement: the store made a faithful view of the pipeline's outputs (`mnist-pipeline sync`,
+the last stage of every `dvc repro`), and a run rebuilt from the outputs where the store has none.
+
+For each variant's current checkpoint (known by its MD5, the run tag `checkpoint.md5`):
+
+- every FINISHED training run of those bytes, whichever host made it, carries the evaluation
+  read back from the DVC outputs (`record.evaluation`); a checkpoint no run trained gets one
+  rebuilt from the outputs, tagged `record.source=outputs`;
+- this host's runs of those bytes carry what this host measured of the three forms, and the
+  ONNX forms as child runs (`record.export`): once per host and checkpoint.
+
+Each part ends by tagging the run with the digest of the outputs it was made from, so a part is
+recorded once, and a second `sync` adds nothing. A no-op costs well under a second: the outputs'
+fingerprint is compared with the one this host's last sync left on the experiment, read from a
+local SQLite store without importing MLflow (this module imports the recording modules only
+when there is something to record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+from mnist_pipeline import host, paths, tracking
+from mnist_pipeline.dataset import FILES, file_md5
+
+if TYPE_CHECKING:
+    from mnist_pipeline.config import Params
+
+RECEIPT_TAG = "mnist_pipeline.synced"  # on the experiment, per host: the outputs last agreed
+LATENCY_ENV = "MNIST_PIPELINE_LATENCY"  # "off": measure the forms' accuracy only, not their speed
+
+
+# --- what the store must agree with: digests of the outputs ---------------------------------
+
+
+def outputs_digest(*files: Path | None) -> str | None:
+    """One MD5 for a set of output files; None when one of them is missing (not made yet)."""
+    if any(f is None or not f.is_file() for f in files):
+        return None
+    return hashlib.md5("".join(file_md5(f) for f in files).encode()).hexdigest()
+
+
+def evaluation_digest(outputs: paths.Outputs) -> str | None:
+    return outputs_digest(outputs.test_metrics, outputs.predictions)
+
+
+def measured_digest(outputs: paths.Outputs) -> str | None:
+    """What a run's `record.measured` tag says once its host measured the current exports (None:
+    nothing exported yet); the latency setting is part of it."""
+    if outputs.export_dir is None:
+        return None
+    found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
+    return None if found is None else found + ("" if latency_on() else ":accuracy-only")
+
+
+def latency_on() -> bool:
+    return os.environ.get(LATENCY_ENV, "on").lower() not in ("off", "0", "no", "false")
+
+
+# --- one variant ----------------------------------------------------------------------------
+
+
+def agree(store, training, test=None) -> list[str]:
+    """Make the store hold complete runs for the checkpoint in `training.outputs` (module
+    docstring). `test`: a callable giving the test set (x, y) for measuring, loaded at most once
+    per process. Returns what was done (nothing, when the store already agrees)."""
+    # The recording modules import MLflow (and evaluation, matplotlib): only a sync with
+    # something to record pays for them.
+    from mnist_pipeline.record import evaluation, export
+    from mnist_pipeline.record.training import CHECKPOINT_TAG
+
+    client, outputs, done = tracking.client(), training.outputs, []
+    runs = training_runs(store.experiment_id, training.md5)
+    if not runs:
+        runs = [rebuild(store, training)]
+        done.append(f"rebuilt run {runs[0].info.run_id} from the outputs")
+    wanted = evaluation_digest(outputs)
+    stale = [r for r in runs if wanted and r.data.tags.get(evaluation.EVALUATION_TAG) != wanted]
+    if stale:
+        with tempfile.TemporaryDirectory() as folder:
+            found = evaluation.read_evaluation(store, training, Path(folder))
+            for run in stale:
+                line = evaluation.record_evaluation(store, run, training, found)
+                done.append(f"{run.info.run_name}: {line}")
+    wanted = measured_digest(outputs)
+    mine = [
+        r
+        for r in runs
+        if wanted
+        and r.data.tags.get("host") == host.host_label()
+        and r.data.tags.get(export.MEASURED_TAG) != wanted
+        and CHECKPOINT_TAG in r.data.tags
+    ]
+    if mine:
+        measured = export.measure(training, (test or _test_set(store))())
+        for run in mine:
+            line = export.record_export(store, client.get_run(run.info.run_id), training, measured)
+            done.append(f"{run.info.run_name}: {line}")
+    return done
+
+
+def rebuild(store, training):
+    """A run for a checkpoint no run in this store trained (a fresh store, a store that failed
+    mid-run, outputs from DVC's cache or a colleague): the recipe, per-epoch history, summary and
+    model from the outputs, tagged `record.source=outputs`."""
+    from mnist_pipeline.models import count_parameters
+    from mnist_pipeline.record import training as record
+
+    recipe, checksum = training.recipe, training.checksum
+    with record.new_run(store, training, recipe=recipe, checksum=checksum) as run:
+        extra = {"num_params": count_parameters(training.checkpoint[0])}
+        record.log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
+    record.record_training(run.info.run_id, training)
+    return tracking.client().get_run(run.info.run_id)
+
+
+def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
+    """The completely logged runs that trained a checkpoint with these bytes, on any host:
+    this host's first, then the newest."""
+    runs = tracking.client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`checkpoint.md5` = '{checkpoint_md5}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return sorted(runs, key=lambda run: run.data.tags.get("host") != host.host_label())
+
+
+def _test_set(store):
+    """A loader of the test images and labels, run at most once."""
+    cache = {}
+
+    def load():
+        if "xy" not in cache:
+            import torch
+
+            from mnist_pipeline.dataset import read_idx
+            from mnist_pipeline.device import as_float
+
+            folder = paths.data_dir(store.root, store.dataset)
+            x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
+            cache["xy"] = (x, read_idx(folder / FILES[3]).long().numpy())
+        return cache["xy"]
+
+    return load
+
+
+# --- every variant: `mnist-pipeline sync` ----------------------------------------------------
+
+
+def sync(params: Params, root: Path, *, verify: bool = False) -> int:
+    """Make the store agree with every variant's pipeline outputs. Cheap when it already does
+    (the receipt); `verify` looks at every run. Returns the number of variants whose record
+    changed."""
+    outputs = {v: paths.pipeline_outputs(root, v) for v in params.variants}
+    outputs = {v: o for v, o in outputs.items() if o.checkpoint.is_file()}
+    uri = tracking.tracking_uri(root)
+    name = tracking.experiment_name(params.data.dataset)
+    fingerprint = _fingerprint(outputs, name)
+    if not verify and _receipt(uri, name) == fingerprint:
+        print(f"sync: {uri} agrees with the outputs of {len(outputs)} variants; nothing to do")
+        return 0
+    from mnist_pipeline.record.store import open_store  # MLflow: there is work to do
+    from mnist_pipeline.record.training import Training
+
+    store = open_store(root, params.data.dataset)
+    changed, test = 0, _test_set(store)
+    for variant, found in outputs.items():
+        done = agree(store, Training(variant, found, params.data), test)
+        changed += bool(done)
+        for line in done:
+            print(f"{variant}: {line}")
+    tracking.client().set_experiment_tag(store.experiment_id, _receipt_key(), fingerprint)
+    print(f"sync: {uri} agrees with the outputs of {len(outputs)} variants ({changed} recorded)")
+    return changed
+
+
+def _receipt_key() -> str:
+    """One receipt per host: each host measures its own figures."""
+    return f"{RECEIPT_TAG}.{hashlib.md5(host.host_label().encode()).hexdigest()[:12]}"
+
+
+def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
+    state = [
+        (v, file_md5(o.checkpoint), evaluation_digest(o), measured_digest(o))
+        for v, o in outputs.items()
+    ]
+    return hashlib.md5(json.dumps([experiment, host.host_label(), state]).encode()).hexdigest()
+
+
+def _receipt(uri: str, experiment: str) -> str | None:
+    """The fingerprint this host's last sync left on `experiment`, read straight from a local
+    SQLite store (importing MLflow costs seconds, more than a no-op `dvc repro` may); None
+    elsewhere, or whenever anything is unexpected: the full check then runs."""
+    if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    path = Path(unquote(uri[len("sqlite:///") :]))
+    if not path.is_file():
+        return None
+    query = (
+        "SELECT t.value FROM experiment_tags t JOIN experiments e"
+        " ON e.experiment_id = t.experiment_id"
+        " WHERE e.name = ? AND e.lifecycle_stage = 'active' AND t.key = ?"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute(query, (experiment, _receipt_key())).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None

@@ -1,0 +1,154 @@
+"""The export record: what this host measured of a checkpoint's three forms, on this host's run,
+and each exported form (ONNX fp32, int8) as a child run of it holding its logged model.
+
+MLflow links a logged model's metrics through a run, and a run keeps every value it is given
+under a name: so the training run holds the PyTorch form's figures under the shared names
+(`test/accuracy`, `inference/latency_b1_ms`, ...) and the other forms' under their own
+(`int8/test/accuracy`, ...), and each form's child run holds its figures under the shared
+names, linked to its logged model: the Models tab lines every form up in one column, and no
+run's history mixes two forms.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+from mlflow.entities import Metric, Param
+
+from mnist_pipeline import host, tracking
+from mnist_pipeline.export import QUANTISATION
+from mnist_pipeline.record import store as runs
+from mnist_pipeline.record.agree import latency_on, measured_digest
+from mnist_pipeline.record.evaluation import torch_model_id
+from mnist_pipeline.record.training import FORM_TAG, Training, log_model, rounded
+
+MEASURED_TAG = "record.measured"  # the export outputs this run's host measured
+ONNX_FORMS = ("onnx", "int8")
+
+
+def measure(training: Training, test) -> dict:
+    """This host's figures for the checkpoint's three forms (`measure.measure`) on the test
+    set `test` = (x, y), or the forms' accuracy alone where latency is turned off."""
+    from mnist_pipeline import measure as host_figures
+    from mnist_pipeline.device import resolve_device
+    from mnist_pipeline.models import inference_model
+
+    outputs = training.outputs
+    models = {"onnx": outputs.onnx.read_bytes(), "int8": outputs.int8.read_bytes()}
+    device = resolve_device("auto")
+    served = inference_model(training.checkpoint[0])
+    latency = latency_on()
+    figures = host_figures.measure(served, models, *test, device, latency=latency)
+    return {"forms": figures, "conditions": host_figures.conditions(device)}
+
+
+def record_export(store: runs.Store, run, training: Training, measured: dict) -> str:
+    """Into this host's `run`: every form's figures, and a child run per ONNX form with its
+    logged model (made once: a run measured again gets new figures only)."""
+    client, run_id, now = tracking.client(), run.info.run_id, int(time.time() * 1000)
+    test_set = training.datasets()["evaluation"]
+    sizes = json.loads(training.outputs.export_metrics.read_text())
+    forms = measured["forms"]
+    mine = {"torch": torch_model_id(run)}
+    children = _form_runs(store, run, training, sizes)
+    mine |= {form: model_id for form, (_, model_id) in children.items()}
+    metrics = []
+    for form in ("torch", *ONNX_FORMS):
+        shared = _shared_names(forms.get(form, {}))
+        shared["model/size_bytes"] = sizes[f"{form}/bytes"]
+        link = {
+            "model_id": mine[form],
+            "dataset_name": test_set.name,
+            "dataset_digest": test_set.digest,
+        }
+        if form == "torch":
+            metrics += [Metric(k, rounded(v), now, 0, **link) for k, v in shared.items()]
+            continue
+        metrics += [Metric(f"{form}/{k}", rounded(v), now, 0) for k, v in shared.items()]
+        child_id = children[form][0]
+        child = [Metric(k, rounded(v), now, 0, **link) for k, v in shared.items()]
+        client.log_batch(child_id, metrics=child)
+    client.log_batch(run_id, metrics=metrics)
+    client.log_dict(run_id, measured, "inference/measured.json")
+    client.set_tag(run_id, MEASURED_TAG, measured_digest(training.outputs))
+    shown = ", ".join(f"{f} {_line(forms.get(f, {}))}" for f in ("torch", *ONNX_FORMS))
+    return f"measured on {host.host_label()}: {shown}"
+
+
+def _shared_names(figures: dict) -> dict[str, float]:
+    """A form's figures under the names every form shares."""
+    names = {
+        "accuracy": "test/accuracy",
+        "accuracy_b1": "test/accuracy_b1",
+        "latency_b1_ms": "inference/latency_b1_ms",
+        "latency_b1_p95_ms": "inference/latency_b1_p95_ms",
+        "throughput_b256": "inference/throughput_b256",
+    }
+    return {names[k]: v for k, v in figures.items() if k in names}
+
+
+def _line(figures: dict) -> str:
+    parts = []
+    if "accuracy" in figures:
+        parts.append(f"{figures['accuracy']:.4f}")
+    if "latency_b1_ms" in figures:
+        parts.append(f"{figures['latency_b1_ms']:.3f} ms/b1")
+        parts.append(f"{figures['throughput_b256']:,.0f} img/s at b256")
+    return " ".join(parts) or "-"
+
+
+def _form_runs(store: runs.Store, run, training: Training, sizes: dict) -> dict:
+    """{form: (child run id, logged model id)} for the ONNX forms: found, or made."""
+    client = tracking.client()
+    found = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`{runs.RUN_KIND_TAG}` = 'form'",
+    )
+    children = {}
+    for child in found:
+        form = child.data.tags.get(FORM_TAG)
+        model = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{child.info.run_id}'",
+            output_format="list",
+        )
+        if form in ONNX_FORMS and model:
+            children[form] = (child.info.run_id, model[0].model_id)
+    for form in ONNX_FORMS:
+        if form not in children:
+            children[form] = _form_run(store, run, training, form)
+    return children
+
+
+def _form_run(store: runs.Store, run, training: Training, form: str) -> tuple[str, str]:
+    """A finished child run of `run` holding the ONNX form's logged model."""
+    import onnx
+
+    client, tags = tracking.client(), run.data.tags
+    path = training.outputs.onnx if form == "onnx" else training.outputs.int8
+    model = onnx.load(path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    params = {"variant": training.variant, "export.form": form, "export.opset": opset}
+    if form == "int8":
+        params |= {f"quantisation.{k}": v for k, v in QUANTISATION.items()}
+    child_tags = {k: v for k, v in tags.items() if k.startswith(("host", "cpu.", "git.", "data."))}
+    child_tags |= {
+        "mlflow.parentRunId": run.info.run_id,
+        runs.RUN_KIND_TAG: "form",
+        FORM_TAG: form,
+        "device": "cpu",
+        runs.NOTE_TAG: (
+            f"The {form} form of {run.info.run_name} (ONNX Runtime, CPU), exported from its "
+            f"checkpoint `{training.md5[:12]}`: its logged model, and the figures of it that "
+            f"host `{tags.get('host')}` measured."
+        ),
+    }
+    child = client.create_run(
+        run.info.experiment_id, run_name=f"{run.info.run_name} · {form}", tags=child_tags
+    )
+    client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    model_id = log_model(child, model, form, params, named_after=run)
+    client.set_terminated(child.info.run_id, "FINISHED")
+    return child.info.run_id, model_id

@@ -1,0 +1,105 @@
+"""A search's runs (`mnist-pipeline tune`): a parent run per search and a child run per trial,
+kept apart from the pipeline's runs: their own names and kinds (`run.kind` search and trial),
+and the variant under `search.variant`, so that grouping the runs by `variant` shows pipeline
+runs only."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from mlflow.entities import Metric, Param
+
+from mnist_pipeline import host, tracking
+from mnist_pipeline.errors import first_line
+from mnist_pipeline.record import store as runs
+from mnist_pipeline.record.training import log_model, rounded
+
+OUTCOME_TAG = "tune.outcome"  # completed | stopped-early | diverged | failed | retried
+TRIAL_TAG = "tune.trial_id"
+VARIANT_TAG = "search.variant"
+
+
+def search_tags(store: runs.Store, variant: str, kind: str) -> dict[str, str]:
+    """The tags of a search's runs (`kind`: search or trial): the pipeline's, with the variant
+    moved under its own key."""
+    tags = runs.shared_tags(store, variant=variant, kind=kind)
+    tags[VARIANT_TAG] = tags.pop("variant")
+    return tags
+
+
+@contextlib.contextmanager
+def search_run(store: runs.Store, variant: str, description: dict[str, str], inputs: dict):
+    """The search's parent run, on the driver: its parameters (space, algorithm, scheduler) and
+    the data its trials train on (`inputs`: dataset inputs by context), logged first."""
+    tags = search_tags(store, variant, "search") | {
+        "host": host.host_label(),
+        "hostname": host.machine_tags()["hostname"],
+    }
+    space = description["search.space"]
+    tags[runs.NOTE_TAG] = (
+        f"Recipe search for {variant} from host {tags['host']}: {description['search.samples']} "
+        f"trials over {space} ({description['search.algorithm']}; "
+        f"{description['search.scheduler']}). Each trial is a child run; the best trial's "
+        "recipe is `best.*` and its kept weights the logged model of this run."
+    )
+    name = f"search · {host.run_name(variant)}"
+    with runs.started_run(store.experiment_id, name=name, tags=tags) as run:
+        params = [Param(k, v) for k, v in description.items()]
+        tracking.client().log_batch(run.info.run_id, params=params)
+        runs.log_datasets(run.info.run_id, inputs)
+        yield run
+
+
+def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
+    tracking.client().set_tag(run_id, OUTCOME_TAG, outcome)
+    if note:
+        tracking.client().set_tag(run_id, f"{OUTCOME_TAG}.note", first_line(note, limit=400))
+
+
+def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
+    """End the runs of trial `trial_id` still RUNNING (their process stopped, or died, before it
+    could) with `how` = (outcome, status), unless the trial said it completed: such a run ends
+    FINISHED. Returns the outcome of its latest run."""
+    client = tracking.client()
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{TRIAL_TAG}` = '{trial_id}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in found:
+        outcome = run.data.tags.get(OUTCOME_TAG)
+        if outcome is None:
+            client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FINISHED" if outcome == "completed" else how[1])
+    if not found:
+        return how[0]
+    latest = client.get_run(found[0].info.run_id)
+    return latest.data.tags.get(OUTCOME_TAG, how[0])
+
+
+def end_running_trials(experiment_id: str, parent_run_id: str, how: tuple[str, str]) -> None:
+    """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
+    client = tracking.client()
+    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running):
+        client.set_tag(run.info.run_id, OUTCOME_TAG, how[0])
+        client.set_terminated(run.info.run_id, how[1])
+
+
+def log_best_model(parent_run_id: str, model, recipe: dict) -> str:
+    """The best trial's kept weights as the logged model of the search's run."""
+    run = tracking.client().get_run(parent_run_id)
+    variant = run.data.tags[VARIANT_TAG]
+    return log_model(run, model, "torch", {"variant": variant, **recipe})
+
+
+def end_search(run_id: str, counts: dict[str, int], *, best: dict | None, accuracy=None) -> None:
+    """The search's outcome on its parent run: trial counts, the best recipe and accuracy."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"trials/{k}", v, now, 0) for k, v in counts.items()]
+    if accuracy is not None:
+        metrics.append(Metric("best/val_accuracy", rounded(accuracy), now, 0))
+    params = [Param(k, str(v)) for k, v in (best or {}).items()]
+    tracking.client().log_batch(run_id, metrics=metrics, params=params)

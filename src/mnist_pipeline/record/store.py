@@ -1,0 +1,222 @@
+"""The store and the run lifecycle: the experiment made ready, a run started and ended with the
+right status, the tags and description every run carries, and the data as dataset inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from mnist_pipeline import host, tracking
+
+if TYPE_CHECKING:
+    from mnist_pipeline.config import DataConfig
+
+NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
+RUN_KIND_TAG = "run.kind"  # pipeline | one-off | form | search | trial
+SOURCE_TAG = "record.source"  # "live" (timed as it ran) or "outputs" (rebuilt from DVC outputs)
+EXP_NAME_TAG, EXP_BASELINE_TAG = "dvc.exp.name", "dvc.exp.baseline"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens the experiment on
+
+
+@dataclass(frozen=True)
+class Store:
+    """A tracking store, reachable, with the data set's experiment in it: `mlflow`'s current
+    one from here on, which every `tracking.client()` reaches."""
+
+    uri: str
+    experiment_id: str
+    dataset: str
+    root: Path
+
+
+def open_store(root: Path, dataset: str) -> Store:
+    """Check the store answers (fail fast, before any work) and find or create the experiment."""
+    uri = tracking.tracking_uri(root)
+    tracking.check_reachable(uri)
+    if moved := tracking.follow_a_moved_project(root):
+        print(f"the project moved from {moved}: its local store now keeps artifacts here")
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.run_experiment_id(dataset, root)
+    describe_experiment(experiment_id, dataset)
+    return Store(uri=uri, experiment_id=experiment_id, dataset=dataset, root=root)
+
+
+def describe_experiment(experiment_id: str, dataset: str) -> None:
+    """Give the experiment a description and mark it a model-training experiment, once (a
+    user's own edits are kept). MLflow 3's UI opens an experiment of unknown kind on its GenAI
+    (traces) overview; this kind opens on the training runs."""
+    experiment = mlflow.get_experiment(experiment_id)
+    note = (
+        f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
+        "variant per host, named `variant@host`, each with two child runs, one per exported "
+        "form (`variant@host · onnx`, `· int8`). Which variant is best: sort the runs by "
+        "`test/accuracy`. How hosts compare: search `tags.`run.kind` = 'pipeline'` and group "
+        "the runs by the `variant` tag, or `mnist-pipeline compare`. `run.kind` also marks "
+        "one-off recipes (`one-off`), a search's run (`search`) and its trials (`trial`); "
+        "`record.source=outputs` marks a run rebuilt from the pipeline's outputs (no timings). "
+        "Each variant's best model is `models:/<dataset>-<variant>@champion`."
+    )
+    tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: note}
+    for key, value in tags.items():
+        if key in experiment.tags:
+            continue
+        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
+        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
+        with contextlib.suppress(MlflowException):
+            tracking.client().set_experiment_tag(experiment_id, key, value)
+
+
+@functools.cache
+def mlflow_run_parent() -> str | None:
+    """Under `mlflow run`, MLflow has started a run and exported its id: runs recorded here become
+    its children. Taken out of the environment once, or `mlflow.start_run` would resume it."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
+    """The tags of a run that do not depend on the machine: what, of which kind, from which
+    code, data and DVC experiment. A search's trials take the driver's: a node has no project."""
+    tags = {
+        "variant": variant,
+        "git.commit": host.git_commit(store.root),
+        "data.dataset": store.dataset,
+        RUN_KIND_TAG: kind,
+    }
+    if stage := os.environ.get("DVC_STAGE"):
+        tags["dvc.stage"] = stage
+    # `dvc exp run` (queued or not) names the experiment and its baseline commit for the stages.
+    if name := os.environ.get("DVC_EXP_NAME"):
+        tags[EXP_NAME_TAG] = name
+        tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+    return tags
+
+
+def describe_run(tags: dict, recipe: dict, checksum: str) -> str:
+    """The run's description (Markdown, shown on its page), from its tags: variant, recipe,
+    data, commit, and the DVC experiment it belongs to (with how to bring it into the
+    workspace)."""
+    shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
+    text = (
+        f"**{tags['variant']}** on host `{tags['host']}` ({tags.get('device', 'unknown')}).\n\n"
+        f"Recipe: {shown}.\n\n"
+        f"Data: {tags['data.dataset']} (checksum `{checksum[:12]}`); "
+        f"code: commit `{tags['git.commit'][:12]}`."
+    )
+    if name := tags.get(EXP_NAME_TAG):
+        text += (
+            f"\n\nDVC experiment `{name}` on baseline commit `{tags[EXP_BASELINE_TAG][:7]}`: "
+            f"`dvc exp show` lists it, `dvc exp apply {name}` brings it into the workspace."
+        )
+    return text
+
+
+class EndRun(Exception):
+    """Raised inside `started_run`: end the run with `status` and carry on after the block."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@contextlib.contextmanager
+def started_run(
+    experiment_id: str,
+    *,
+    name: str,
+    tags: dict,
+    system_metrics: bool = False,
+    parent_run_id: str | None = None,
+):
+    """A new run `name`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
+    A store that fails at the end is a warning: what matters is saved locally. Its parent is
+    `parent_run_id`, else the run `mlflow run` started, if any."""
+    if system_metrics:
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
+            mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=name,
+        tags=tags,
+        parent_run_id=parent_run_id or mlflow_run_parent(),
+        log_system_metrics=system_metrics,
+    )
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except EndRun as end:  # the caller's choice: this status, and nothing raised further
+        status = end.status
+    except Exception:
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception:
+            print(f"warning: could not mark MLflow run {run.info.run_id} {status}", file=sys.stderr)
+
+
+def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
+    """The data set as MLflow dataset inputs, by context: `training`, `validation` (the held-out
+    split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
+    derives from the content checksum, so runs on the same data show the same digest on any host;
+    the source is the data set's first public mirror."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = data.dataset
+    mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
+    source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
+
+    def entry(split: str, detail: str) -> MetaDataset:
+        digest = hashlib.md5(f"{checksum}/{split}/{detail}".encode()).hexdigest()
+        return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
+
+    split = f"val_size={val_size},seed={seed}"
+    return {
+        "training": entry("train", split),
+        "validation": entry("validation", split),
+        "evaluation": entry("test", "t10k"),
+    }
+
+
+# How a store refuses a second insert of the same key: PostgreSQL (psycopg), SQLite, MySQL.
+_DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def log_datasets(run_id: str, found: dict, client=None) -> None:
+    """Log dataset inputs {context: dataset} to a run.
+
+    Two hosts (or two queued jobs) starting on the same data at once race in MLflow's store: it
+    looks the datasets up, then inserts the missing ones, and the second insert breaks the unique
+    key (experiment, name, digest). The store rolls that call back whole, so trying again finds
+    the other host's dataset and links it."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [
+        DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for context, ds in found.items()
+    ]
+    for attempt in (1, 2, 3):
+        try:
+            (client or tracking.client()).log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if attempt == 3 or not any(key in str(err) for key in _DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * attempt)
