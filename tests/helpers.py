@@ -182,7 +182,7 @@ def train(params, variant: str, root: Path, **overrides) -> Trained:
 
     from mnist_pipeline import commands
 
-    run_id = commands.train(params, variant, root, overrides)
+    run_id = commands.train(params, root, variant, **overrides)
     run = mlflow.MlflowClient().get_run(run_id)
     (model,) = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],

@@ -27,202 +27,100 @@ import threading
 from pathlib import Path
 
 from mnist_pipeline import commands, signals
-from mnist_pipeline.config import Recipe, TrainConfig, load_params
-from mnist_pipeline.errors import ConfigError, PipelineError, first_line
+from mnist_pipeline.config import load_params
+from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import PARAMS_FILE, project_root
-
-# `tune`'s options, as `commands.tune` passes them to `tune.TuneOptions` (the flags below).
-TUNE_OPTIONS = (
-    "samples",
-    "max_concurrent",
-    "cpus_per_trial",
-    "gpus_per_trial",
-    "address",
-    "max_failures",
-    "storage",
-    "seed",
-)
-
-
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--params", type=Path, default=None, help="params file (default: <project>/params.yaml)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    download = sub.add_parser(
-        "download", help="fetch and verify the data set chosen in params.yaml"
-    )
-    download.set_defaults(handler=_download)
-
-    train = sub.add_parser("train", help="train one variant and record an MLflow run")
-    train.add_argument("--variant", required=True)
-    train.add_argument("--optimizer", help="override the recipe's optimizer (sgd, adam)")
-    train.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    train.add_argument("--epochs", type=int, help="override the recipe's epoch count")
-    _bool_flag(train, "shuffle", "override the recipe's shuffle")
-    _bool_flag(train, "use-dropout", "override the variant's dropout switch")
-    train.add_argument("--seed", type=int, help="override train.seed")
-    train.add_argument("--device", help="override train.device (auto, cpu, cuda, mps)")
-    train.add_argument("--val-size", type=int, help="override train.val_size")
-    train.add_argument("--keep", help="override train.keep: best (validation) or last epoch")
-    train.set_defaults(handler=_train)
-
-    evaluate = sub.add_parser("evaluate", help="score one variant's checkpoint on the test set")
-    evaluate.add_argument("--variant", required=True)
-    evaluate.add_argument(
-        "--one-off",
-        action="store_true",
-        help="score the one-off training's checkpoint (one-off/<variant>/), not the pipeline's",
-    )
-    evaluate.set_defaults(handler=_evaluate)
-
-    export = sub.add_parser("export", help="ONNX and int8 ONNX forms of one variant, measured")
-    export.add_argument("--variant", required=True)
-    export.set_defaults(handler=_export)
-
-    sub.add_parser("report", help="table and chart of every variant under reports/").set_defaults(
-        handler=_report
-    )
-
-    sync = sub.add_parser(
-        "sync", help="make the MLflow store agree with the pipeline's outputs (a dvc.yaml stage)"
-    )
-    sync.add_argument(
-        "--verify", action="store_true", help="look at every run, not the last sync's receipt"
-    )
-    sync.set_defaults(handler=_sync)
-    _add_compare(sub)
-    _add_tune(sub)
-    return parser
-
-
-def _add_tune(sub) -> None:
-    tune = sub.add_parser(
-        "tune", help="search a variant's recipe on Ray Tune (params.yaml's tune: space)"
-    )
-    tune.add_argument("--variant", required=True)
-    tune.add_argument("--samples", type=int, default=8, help="recipes to try (default: 8)")
-    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
-    tune.add_argument("--cpus-per-trial", type=float, default=1.0, help="default: 1")
-    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="default: 0")
-    tune.add_argument(
-        "--address", help="a Ray cluster to join (default: RAY_ADDRESS, else Ray on this machine)"
-    )
-    tune.add_argument(
-        "--max-failures", type=int, default=2, help="retries of a trial whose node died"
-    )
-    tune.add_argument(
-        "--no-early-stopping", action="store_true", help="run every trial to its last epoch"
-    )
-    tune.add_argument(
-        "--storage",
-        type=Path,
-        help="Tune's checkpoints (default: one-off/tune/; a cluster: shared)",
-    )
-    tune.add_argument("--seed", type=int, help="the search's seed (default: train.seed)")
-    tune.add_argument("--apply", action="store_true", help="write the best recipe into params.yaml")
-    tune.set_defaults(handler=_tune)
 
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _add_compare(sub) -> None:
-    compare = sub.add_parser("compare", help="variant x host/device table from the tracking store")
-    compare.add_argument(
-        "--experiment", help="experiment name (default: the params.yaml data set's)"
-    )
-    compare.add_argument("--variants", type=_names, help="comma-separated variant names to keep")
-    compare.add_argument("--hosts", type=_names, help="comma-separated host labels to keep")
-    compare.add_argument(
-        "--exp", help="a DVC experiment's name: its runs beside its baseline commit's"
-    )
-    compare.add_argument(
-        "--all-runs", action="store_true", help="every run, not the latest per group"
-    )
-    compare.add_argument(
-        "--one-off", action="store_true", help="include one-off runs (recipes not in params.yaml)"
-    )
-    compare.add_argument("--csv", type=Path, help="also write the table as CSV")
-    compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
-    compare.add_argument("--chart", type=Path, help="also write a PNG chart")
-    compare.set_defaults(handler=_compare)
+VARIANT = ("--variant", {"required": True})
+SWITCH = {"action": argparse.BooleanOptionalAction, "default": None}
+# Each command: its help, and its options as (flag, argparse keywords). An option's name is the
+# keyword `commands.<command>` takes.
+COMMANDS = {
+    "download": ("fetch and verify the data set chosen in params.yaml", []),
+    "train": (
+        "train one variant and record an MLflow run (a flag that changes the recipe: a one-off)",
+        [
+            VARIANT,
+            ("--optimizer", {"help": "the recipe's optimizer (sgd, adam)"}),
+            ("--lr", {"type": float, "help": "the recipe's learning rate"}),
+            ("--batch-size", {"type": int, "help": "the recipe's batch size"}),
+            ("--epochs", {"type": int, "help": "the recipe's epoch count"}),
+            ("--shuffle", {**SWITCH, "help": "the recipe's shuffle"}),
+            ("--use-dropout", {**SWITCH, "help": "the variant's dropout switch"}),
+            ("--seed", {"type": int, "help": "train.seed"}),
+            ("--device", {"help": "train.device (auto, cpu, cuda, mps)"}),
+            ("--val-size", {"type": int, "help": "train.val_size"}),
+            ("--keep", {"help": "train.keep: best (validation) or last epoch"}),
+        ],
+    ),
+    "evaluate": (
+        "score one variant's checkpoint on the test set",
+        [VARIANT, ("--one-off", {"action": "store_true", "help": "the one-off's checkpoint"})],
+    ),
+    "export": ("the ONNX and int8 ONNX forms of one variant", [VARIANT]),
+    "report": ("table and chart of every variant under reports/", []),
+    "sync": (
+        "make MLflow agree with the pipeline's outputs, and measure this host's figures",
+        [("--verify", {"action": "store_true", "help": "look at every run, not the receipt"})],
+    ),
+    "compare": (
+        "variant x host/device table from the tracking store",
+        [
+            ("--experiment", {"help": "experiment name (default: the data set's)"}),
+            ("--variants", {"type": _names, "help": "comma-separated variants to keep"}),
+            ("--hosts", {"type": _names, "help": "comma-separated host labels to keep"}),
+            ("--exp", {"help": "a DVC experiment: its runs beside its baseline commit's"}),
+            ("--all-runs", {"action": "store_true", "help": "every run, not the latest"}),
+            ("--one-off", {"action": "store_true", "help": "include one-off runs"}),
+            ("--csv", {"type": Path, "help": "also write the table as CSV"}),
+            ("--markdown", {"type": Path, "help": "also write the table as Markdown"}),
+            ("--chart", {"type": Path, "help": "also write a PNG chart"}),
+        ],
+    ),
+    "tune": (
+        "search a variant's recipe on Ray Tune (params.yaml's tune: space)",
+        [
+            VARIANT,
+            ("--samples", {"type": int, "default": 8, "help": "recipes to try (default: 8)"}),
+            ("--max-concurrent", {"type": int, "help": "trials at once (default: what fits)"}),
+            ("--cpus-per-trial", {"type": float, "default": 1.0, "help": "default: 1"}),
+            ("--gpus-per-trial", {"type": float, "default": 0.0, "help": "default: 0"}),
+            ("--address", {"help": "a Ray cluster (default: RAY_ADDRESS, else this machine)"}),
+            ("--max-failures", {"type": int, "default": 2, "help": "retries of a dead node's"}),
+            ("--no-early-stopping", {"action": "store_true", "help": "every trial to the end"}),
+            ("--storage", {"type": Path, "help": "Tune's checkpoints (default: one-off/tune/)"}),
+            ("--seed", {"type": int, "help": "the search's seed (default: train.seed)"}),
+            ("--apply", {"action": "store_true", "help": "write the best recipe into params"}),
+        ],
+    ),
+}
 
 
-# --- one handler per command: parsed arguments in, a call of `commands` out ------------------
-
-
-def _download(params, root: Path, args: argparse.Namespace) -> None:
-    commands.download(params, root)
-
-
-def _train(params, root: Path, args: argparse.Namespace) -> None:
-    flags = _fields(Recipe) | _fields(TrainConfig)
-    overrides = {name: value for name, value in vars(args).items() if name in flags}
-    commands.train(params, args.variant, root, overrides)
-
-
-def _evaluate(params, root: Path, args: argparse.Namespace) -> None:
-    commands.evaluate(params, args.variant, root, one_off=args.one_off)
-
-
-def _export(params, root: Path, args: argparse.Namespace) -> None:
-    commands.export(params, args.variant, root)
-
-
-def _report(params, root: Path, args: argparse.Namespace) -> None:
-    commands.report(params, root)
-
-
-def _sync(params, root: Path, args: argparse.Namespace) -> None:
-    commands.sync(params, root, verify=args.verify)
-
-
-def _compare(params, root: Path, args: argparse.Namespace) -> None:
-    commands.compare(
-        params,
-        root,
-        experiment=args.experiment,
-        variants=args.variants,
-        hosts=args.hosts,
-        dvc_exp=args.exp,
-        latest_only=not args.all_runs,
-        one_off=args.one_off,
-        csv_path=args.csv,
-        markdown_path=args.markdown,
-        chart_path=args.chart,
-    )
-
-
-def _tune(params, root: Path, args: argparse.Namespace) -> None:
-    for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be at least {least}, got {value}")
-    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
-        raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
-    options = {name: getattr(args, name) for name in TUNE_OPTIONS}
-    options["early_stopping"] = not args.no_early_stopping
-    target = (args.params or root / PARAMS_FILE) if args.apply else None
-    commands.tune(params, args.variant, root, options, apply=target)
-
-
-def _fields(model) -> set[str]:
-    return set(getattr(model, "model_fields", None) or model.__dataclass_fields__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, help="params file (default: <project>/params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, options) in COMMANDS.items():
+        command = sub.add_parser(name, help=text)
+        for flag, keywords in options:
+            command.add_argument(flag, **keywords)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load params.yaml, then `commands.<command>(params, root, **options)`."""
     root = project_root()
-    params = load_params(args.params or root / PARAMS_FILE)
-    args.handler(params, root, args)
+    params_file = args.params or root / PARAMS_FILE
+    params = load_params(params_file)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
+    if args.command == "tune":
+        options["params_file"] = params_file  # where --apply writes
+    getattr(commands, args.command)(params, root, **options)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mnist_pipeline import paths, signals
 from mnist_pipeline.config import Params, check_variant, with_overrides
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import ConfigError, PipelineError
 
 SYNC_HINT = "MLflow records it at the end of `dvc repro` (or `mnist-pipeline sync`)"
 
@@ -29,7 +29,7 @@ def download(params: Params, root: Path) -> None:
     download(params.data, root)
 
 
-def train(params: Params, variant: str, root: Path, overrides: dict) -> str:
+def train(params: Params, root: Path, variant: str, **overrides) -> str:
     """Train `variant` (its params.yaml recipe, with `overrides`: a one-off when they change it)
     in a live MLflow run; the run's id. Ctrl-C and SIGTERM end the run KILLED between two steps
     and save nothing; once saving has begun, a signal waits for the record to be complete."""
@@ -59,7 +59,7 @@ def train(params: Params, variant: str, root: Path, overrides: dict) -> str:
             fitted = stage.run(job, live.log_epoch)
             _check_logged(live.log_epoch.error, variant, outputs, root, store.uri)
             record.log_timings(live.run.info.run_id, fitted.history)
-        record.record_training(live.run.info.run_id, training, live=live.log_epoch)
+        record.record_training(live.run.info.run_id, training, live=True)
         if signals.received():
             print(f"{variant}: a signal came while saving; the run is done")
     where = outputs.checkpoint.relative_to(root)
@@ -89,7 +89,7 @@ def _check_logged(error: str | None, variant: str, outputs, root: Path, uri: str
     )
 
 
-def evaluate(params: Params, variant: str, root: Path, *, one_off: bool) -> None:
+def evaluate(params: Params, root: Path, variant: str, one_off: bool = False) -> None:
     """Score the pipeline's checkpoint (or the one-off's, which is recorded at once)."""
     from mnist_pipeline.evaluate import evaluate
 
@@ -106,7 +106,7 @@ def evaluate(params: Params, variant: str, root: Path, *, one_off: bool) -> None
         print(f"{variant}: {line}")
 
 
-def export(params: Params, variant: str, root: Path) -> None:
+def export(params: Params, root: Path, variant: str) -> None:
     from mnist_pipeline.export import export
 
     export(check_variant(variant), paths.pipeline_outputs(root, variant))
@@ -119,26 +119,57 @@ def report(params: Params, root: Path) -> None:
     report(params, root)
 
 
-def sync(params: Params, root: Path, *, verify: bool) -> None:
+def sync(params: Params, root: Path, verify: bool = False) -> None:
     from mnist_pipeline.record.agree import sync
 
     sync(params, root, verify=verify)
 
 
-def compare(params: Params, root: Path, **options) -> None:
+def compare(
+    params: Params,
+    root: Path,
+    *,
+    exp=None,
+    all_runs=False,
+    csv=None,
+    markdown=None,
+    chart=None,
+    **options,
+) -> None:
+    """`options`: experiment, variants, hosts, one_off (`compare.compare`'s)."""
     from mnist_pipeline.compare import compare
 
     for variant in options.get("variants") or ():
         check_variant(variant)
-    compare(params, root, **options)
+    paths_out = {"csv_path": csv, "markdown_path": markdown, "chart_path": chart}
+    compare(params, root, dvc_exp=exp, latest_only=not all_runs, **paths_out, **options)
 
 
-def tune(params: Params, variant: str, root: Path, options: dict, *, apply: Path | None) -> None:
-    """Search `variant`'s recipe; with `apply`, write the best into that params file."""
-    from mnist_pipeline.config import apply_recipe
+def tune(
+    params: Params,
+    root: Path,
+    variant: str,
+    *,
+    apply: bool,
+    params_file: Path,
+    no_early_stopping: bool,
+    **options,
+) -> None:
+    """Search `variant`'s recipe (`options`: `tune.TuneOptions`'s); with `apply`, write the best
+    into `params_file`."""
     from mnist_pipeline.tune import TuneOptions, tune
 
+    for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():
+        if options.get(flag) is not None and options[flag] < least:
+            name = flag.replace("_", "-")
+            raise ConfigError(f"--{name}: must be at least {least}, got {options[flag]}")
+    if options["cpus_per_trial"] <= 0 or options["gpus_per_trial"] < 0:
+        raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
     params.search_space(check_variant(variant))  # a bad or missing tune: section, before Ray
-    result = tune(params, variant, root, TuneOptions(**options))
-    if apply is not None:
-        apply_recipe(apply, variant, result.best_recipe)
+    found = tune(
+        params, variant, root, TuneOptions(**options, early_stopping=not no_early_stopping)
+    )
+    if apply:
+        from mnist_pipeline.config import apply_recipe
+
+        apply_recipe(params_file, variant, found.best_recipe)

@@ -10,7 +10,7 @@ import functools
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,15 +75,12 @@ class EpochLogger:
 
     run_id: str
     error: str | None = None
-    timestamps: dict[int, int] = field(default_factory=dict)  # epoch -> when it was logged
-    rows: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> what was
 
-    def __call__(self, row: dict[str, float], epoch: int, timestamp: int | None = None) -> None:
+    def __call__(self, row: dict[str, float], epoch: int) -> None:
         if self.error is not None:
             return
-        self.timestamps[epoch] = timestamp or int(time.time() * 1000)
-        self.rows[epoch] = row
-        metrics = [Metric(k, rounded(v), self.timestamps[epoch], epoch) for k, v in row.items()]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, rounded(v), now, epoch) for k, v in row.items()]
         try:
             tracking.client().log_batch(self.run_id, metrics=metrics)
         except Exception as err:
@@ -141,39 +138,29 @@ def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
     tracking.client().log_batch(run_id, metrics=metrics)
 
 
-def record_training(run_id: str, training: Training, *, live: EpochLogger | None = None) -> str:
+def record_training(run_id: str, training: Training, *, live: bool = False) -> str:
     """From the outputs, into run `run_id`: the summary, the per-epoch history (a live run
-    logged it as it went), the logged model with the kept epoch's validation figures linked,
-    and last the checkpoint's MD5. Returns the logged model's id."""
+    logged it as it went), the logged model (its figures are linked by the evaluation and
+    export records; linking the kept epoch's would send the store points it holds already), and
+    last the checkpoint's MD5. Returns the logged model's id."""
     model, meta = training.checkpoint
     kept_epoch = meta.get("epoch")
     client = tracking.client()
     client.log_text(run_id, summary_text(model), "model_summary.txt")
-    if live is None:  # a live run logged each epoch as it went
-        live = EpochLogger(run_id)
+    if not live:  # a live run logged each epoch as it went
+        history = EpochLogger(run_id)
         for epoch, row in read_history(training.outputs.history).items():
-            live(row, epoch)
-        if live.error is not None:
-            raise PipelineError(f"{training.variant}: could not record the history ({live.error})")
+            history(row, epoch)
+        if history.error is not None:
+            raise PipelineError(
+                f"{training.variant}: could not record the history ({history.error})"
+            )
     if kept_epoch is not None:
         client.log_metric(run_id, "kept_epoch", kept_epoch)
     run = client.get_run(run_id)
     model_id = log_model(
         run, model, "torch", params={"variant": training.variant, **meta["recipe"]}
     )
-    kept = live.rows.get(kept_epoch, {})
-    if "val/accuracy" in kept:
-        # The kept epoch's validation figures, linked to the model (the Models tab). Same step,
-        # time and value as the epoch's own point: MLflow keeps one.
-        validation = training.datasets()["validation"]
-        mlflow.log_metrics(
-            {k: rounded(kept[k]) for k in ("val/accuracy", "val/loss")},
-            step=kept_epoch,
-            timestamp=live.timestamps[kept_epoch],
-            run_id=run_id,
-            model_id=model_id,
-            dataset=validation,
-        )
     client.set_tag(run_id, CHECKPOINT_TAG, training.md5)
     return model_id
 
