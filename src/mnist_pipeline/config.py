@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
-import yaml
 from pydantic import (
     AfterValidator,
     BeforeValidator,
@@ -26,6 +25,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
+from ruamel.yaml import YAML, YAMLError
 
 from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.models import VARIANTS
@@ -280,21 +280,27 @@ def parse_params(raw: Any) -> Params:
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
-    """The raw mapping in params.yaml, with one-line errors for a missing or malformed file."""
+    """The raw mapping in params.yaml, with one-line errors for a missing or malformed file.
+
+    Read as DVC reads it (ruamel.yaml, YAML 1.2): the `1e-05` that `dvc exp run -S lr=1e-5`
+    writes is a number, as `dvc params diff` shows it, where PyYAML (YAML 1.1) reads a string."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: not found; run from the project folder or set MNIST_PIPELINE_ROOT"
         ) from None
+    return _safe_load(text, path)
+
+
+def _safe_load(text: str, path: Path) -> Any:
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+        return YAML(typ="safe").load(text)
+    except YAMLError as err:  # its own message spans several lines
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    return raw
 
 
 def load_params(path: Path) -> Params:
