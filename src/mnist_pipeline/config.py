@@ -1,12 +1,13 @@
 """params.yaml, parsed once at the edge into typed, frozen objects that pydantic validates.
 
 Every error names the offending key, its value and what is allowed, as one line (ConfigError,
-exit 2).
+exit 2). `apply_recipe` writes a recipe back with ruamel.yaml, as DVC's `exp run -S` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +28,8 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML, YAMLError
 
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.errors import ConfigError, PipelineError
+from mnist_pipeline.fileio import write_text_atomic
 from mnist_pipeline.models import VARIANTS
 
 Dataset = Literal["mnist", "fashion-mnist"]
@@ -330,3 +332,34 @@ def with_overrides(params: Params, variant: str, **overrides: Any) -> Params:
     variants = {**params.variants, variant: recipe}
     fields = {"data": params.data, "train": train, "variants": variants, "tune": params.tune}
     return parse_params(fields)
+
+
+# --- tune --apply: the search's recipe back into params.yaml ---------------------------------
+
+
+def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
+    """Write `recipe`'s lr (4 significant digits), batch size and epochs into params.yaml's
+    `variants.<variant>`, through ruamel.yaml's round trip: every comment and every other line
+    stays; then `dvc repro` trains it as the pipeline's recipe, and `dvc exp show`/`dvc params
+    diff` show the change. The edited file must parse to exactly the intended recipe before it
+    replaces the old one."""
+    # ruamel.yaml's round trip, set as DVC sets it (dvc/utils/serialize/_yaml.py): params.yaml's
+    # layout is the one both `dvc exp run -S` and `tune --apply` write back unchanged
+    rt = YAML()
+    rt.default_flow_style = False
+    document = rt.load(path.read_text(encoding="utf-8"))
+    entry = (document.get("variants") or {}).get(variant)
+    if not isinstance(entry, Mapping):
+        raise PipelineError(f"{path.name}: variants.{variant} not found; add its recipe first")
+    lr = float(f"{recipe.lr:.4g}")
+    entry["lr"], entry["batch_size"], entry["epochs"] = lr, recipe.batch_size, recipe.epochs
+    stream = io.StringIO()
+    rt.dump(document, stream)
+    text = stream.getvalue()
+    if parse_params(_safe_load(text, path)).recipe(variant) != dataclasses.replace(recipe, lr=lr):
+        raise PipelineError(f"{path.name}: could not edit variants.{variant} in place")
+    write_text_atomic(path, text)
+    print(
+        f"{variant}: params.yaml now has lr {lr:.4g}, batch_size {recipe.batch_size}, "
+        f"epochs {recipe.epochs}; `dvc repro` trains it as the pipeline's recipe"
+    )
