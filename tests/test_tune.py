@@ -26,8 +26,9 @@ import yaml
 
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
-from mnist_pipeline.config import load_params
+from mnist_pipeline.config import apply_recipe, load_params
 from mnist_pipeline.dataset import FILES, file_md5
+from mnist_pipeline.errors import PipelineError
 from tests.conftest import REPO, committed_params_text, write_tiny_dataset
 from tests.helpers import free_port
 
@@ -74,10 +75,15 @@ def test_the_search_space_is_shared_and_replaced_per_variant(tmp_path):
 
 
 def test_apply_changes_only_the_variants_values_and_keeps_every_comment(tmp_path):
-    from mnist_pipeline.tune import apply_recipe
-
     path = tmp_path / "params.yaml"
-    before = committed_params_text()
+    entry = "  ffn1_relu:\n    optimizer: sgd\n    lr: 0.1\n    batch_size: 100\n    epochs: 5\n"
+    commented = (  # comments above, beside and inside the entry --apply edits
+        "  # the baseline\n  ffn1_relu:    # one hidden layer\n    optimizer: sgd\n"
+        "    # searched by tune\n    lr: 0.1            # was 0.1\n\n    batch_size: 100\n"
+        "    epochs: 5  # short\n"
+    )
+    assert entry in committed_params_text()
+    before = committed_params_text().replace(entry, commented)
     path.write_text(before)
     params = load_params(path)
     best = dataclasses.replace(params.recipe("ffn1_relu"), lr=0.234567, batch_size=32, epochs=15)
@@ -88,14 +94,27 @@ def test_apply_changes_only_the_variants_values_and_keeps_every_comment(tmp_path
         (a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b
     ]
     assert changed == [
-        (
-            "    {optimizer: sgd, lr: 0.1, batch_size: 100, epochs: 5, shuffle: true}",
-            "    {optimizer: sgd, lr: 0.2346, batch_size: 32, epochs: 15, shuffle: true}",
-        )
+        ("    lr: 0.1            # was 0.1", "    lr: 0.2346         # was 0.1"),
+        ("    batch_size: 100", "    batch_size: 32"),
+        ("    epochs: 5  # short", "    epochs: 15 # short"),  # the comment keeps its column
     ]
+    assert after.endswith("\n") and not after.endswith("\n\n")
     applied = load_params(path)
     assert applied.recipe("ffn1_relu") == dataclasses.replace(best, lr=0.2346)
     assert applied.recipe("ffn1_sigmoid") == params.recipe("ffn1_sigmoid")
+
+
+def test_apply_refuses_a_variant_missing_from_the_file_and_writes_nothing(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(committed_params_text())
+    recipe = load_params(path).recipe("ffn1_relu")
+    params = yaml.safe_load(committed_params_text())
+    del params["variants"]["ffn1_relu"]  # removed while the search ran
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    before = path.read_bytes()
+    with pytest.raises(PipelineError, match="ffn1_relu not found; add its recipe first"):
+        apply_recipe(path, "ffn1_relu", recipe)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["params.yaml"]
 
 
 def test_tune_refuses_a_local_store_for_a_cluster(tiny_data, capsys):

@@ -1,88 +1,211 @@
-"""params.yaml, parsed once at the edge into typed, frozen, validated objects.
+"""params.yaml, parsed once at the edge into typed, frozen objects that pydantic validates.
 
-Every error names the offending key and what is allowed, as one line (ConfigError, exit 2).
+Every error names the offending key, its value and what is allowed, as one line (ConfigError,
+exit 2). `apply_recipe` writes a recipe back with ruamel.yaml, as DVC's `exp run -S` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
+import io
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
+from ruamel.yaml import YAML, YAMLError
 
-from mnist_pipeline.errors import ConfigError
+from mnist_pipeline.errors import ConfigError, PipelineError
+from mnist_pipeline.fileio import write_text_atomic
 from mnist_pipeline.models import VARIANTS
 
-DATASETS = ("mnist", "fashion-mnist")
-OPTIMIZERS = ("sgd", "adam")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-KEEP = ("best", "last")
+Dataset = Literal["mnist", "fashion-mnist"]
+Optimizer = Literal["sgd", "adam"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Keep = Literal["best", "last"]
+DATASETS, OPTIMIZERS, DEVICES, KEEP = (get_args(t) for t in (Dataset, Optimizer, Device, Keep))
+
+# strict: YAML's `epochs: "5"` or `lr: yes` is a mistake, not something to coerce
+Count = Annotated[int, Field(strict=True, ge=1)]
+NonNegative = Annotated[int, Field(strict=True, ge=0)]
+PositiveFloat = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+Choices = Annotated[
+    tuple[Count, ...], Field(min_length=1), AfterValidator(lambda v: tuple(sorted(set(v))))
+]
+# A lone string is a one-mirror list.
+Mirrors = Annotated[
+    tuple[Annotated[str, Field(min_length=1)], ...],
+    Field(min_length=1),
+    BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+]
+# `mirrors:` or `variants:` with every entry commented out is an empty mapping.
+_EMPTY_IF_NONE = BeforeValidator(lambda v: {} if v is None else v)
+_SECTION = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str
-    mirrors: Mapping[str, tuple[str, ...]]  # dataset -> mirror URLs or folders, tried in order
+def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
+    """pydantic's extra="forbid" refuses an unknown key without saying which keys are allowed."""
+    if isinstance(data, Mapping) and (unknown := sorted(set(data) - set(allowed))):
+        raise ValueError(f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    return data
+
+
+@dataclass(frozen=True, config=_SECTION)
+class _Section:
+    """A mapping in params.yaml: no keys but its fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_fields(cls, data: Any) -> Any:
+        return _known_keys(data, tuple(f.name for f in dataclasses.fields(cls)))
+
+
+@dataclass(frozen=True, config=_SECTION)
+class DataConfig(_Section):
+    dataset: Dataset
+    # dataset -> mirror URLs or folders, tried in order
+    mirrors: Annotated[dict[Dataset, Mirrors], _EMPTY_IF_NONE] = Field(default_factory=dict)
 
     @property
     def dataset_mirrors(self) -> tuple[str, ...]:
         return self.mirrors.get(self.dataset, ())
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, config=_SECTION)
+class TrainConfig(_Section):
     """Settings shared by every variant's training."""
 
-    seed: int
-    device: str
-    val_size: int
-    keep: str = "best"  # which epoch's weights become the checkpoint: best validation, or last
+    seed: NonNegative
+    device: Device
+    val_size: NonNegative
+    keep: Keep = "best"  # which epoch's weights become the checkpoint: best validation, or last
 
 
-@dataclass(frozen=True)
-class Recipe:
+@dataclass(frozen=True, config=_SECTION)
+class Recipe(_Section):
     """One variant's training recipe (and its one model switch)."""
 
-    optimizer: str
-    lr: float
-    batch_size: int
-    epochs: int
-    shuffle: bool
-    use_dropout: bool = True
+    optimizer: Optimizer
+    lr: PositiveFloat
+    batch_size: Count
+    epochs: Count
+    shuffle: StrictBool
+    use_dropout: StrictBool = True
 
 
-@dataclass(frozen=True)
-class SearchSpace:
+# A variant whose architecture has no dropout has no use_dropout to switch.
+_FIXED_RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "use_dropout")
+
+
+class LogRange(NamedTuple):
+    low: PositiveFloat
+    high: PositiveFloat
+
+
+def _lr_bounds(value: Any) -> Any:
+    """tune's lr is written {low: ..., high: ...}: a bare pair would hide which bound is which."""
+    if isinstance(value, Mapping):
+        return _known_keys(value, LogRange._fields)
+    if isinstance(value, LogRange):
+        return value
+    raise ValueError(f"expected a mapping with low and high, got {value!r}")
+
+
+def _low_below_high(bounds: LogRange) -> LogRange:
+    if not bounds.low < bounds.high:
+        raise ValueError(f"low ({bounds.low}) must be below high ({bounds.high})")
+    return bounds
+
+
+LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_below_high)]
+
+
+@dataclass(frozen=True, config=_SECTION)
+class SearchSpace(_Section):
     """What `mnist-pipeline tune` searches over for one variant: the learning rate log-uniformly
     between two bounds, the batch size and the epoch count among choices. The rest of the recipe
     (optimizer, shuffle, dropout) is the variant's own."""
 
-    lr: tuple[float, float]
-    batch_size: tuple[int, ...]
-    epochs: tuple[int, ...]
+    lr: LrBounds
+    batch_size: Choices
+    epochs: Choices
 
 
-@dataclass(frozen=True)
-class TuneSection:
-    """params.yaml's `tune:` section: a shared search space, and per-variant replacements of any
-    of its keys."""
+@dataclass(frozen=True, config=_SECTION)
+class SpaceReplacement(_Section):
+    """`tune.variants.<name>`: any of the search space's keys, for that variant alone."""
 
-    shared: SearchSpace
-    variants: Mapping[str, Mapping[str, Any]]
+    lr: LrBounds | None = None
+    batch_size: Choices | None = None
+    epochs: Choices | None = None
+
+
+def _known_variant(name: str) -> str:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from: {', '.join(VARIANTS)}")
+    return name
+
+
+@dataclass(frozen=True, config=_SECTION)
+class TuneSection(SearchSpace):
+    """params.yaml's `tune:` section: the shared search space (its own lr, batch_size, epochs),
+    and per-variant replacements of any of its keys."""
+
+    variants: Annotated[
+        dict[Annotated[str, AfterValidator(_known_variant)], SpaceReplacement], _EMPTY_IF_NONE
+    ] = Field(default_factory=dict)
+
+    @property
+    def shared(self) -> SearchSpace:
+        return SearchSpace(self.lr, self.batch_size, self.epochs)
 
     def space(self, variant: str) -> SearchSpace:
-        return dataclasses.replace(self.shared, **self.variants.get(variant, {}))
+        own = self.variants.get(variant, SpaceReplacement())
+        replaced = {k: v for k, v in dataclasses.asdict(own).items() if v is not None}
+        return dataclasses.replace(self.shared, **replaced)
 
 
-@dataclass(frozen=True)
-class Params:
+@dataclass(frozen=True, config=_SECTION)
+class Params(_Section):
     data: DataConfig
     train: TrainConfig
-    variants: Mapping[str, Recipe]
+    variants: dict[str, Recipe]
     tune: TuneSection | None = None
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _recipes_fit_their_models(cls, variants: Any) -> Any:
+        """A recipe only for a variant models.py defines; use_dropout only where it has dropout."""
+        if not isinstance(variants, Mapping):
+            return variants  # pydantic's own check says what it is instead
+        for name, recipe in variants.items():
+            if name not in VARIANTS:
+                raise ValueError(
+                    f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)} "
+                    "(a new one also needs an entry in mnist_pipeline/models.py)"
+                )
+            if not VARIANTS[name].dropout:
+                try:
+                    _known_keys(recipe, _FIXED_RECIPE_KEYS)
+                except ValueError as err:  # at variants.<name>, as the recipe's own error
+                    error = {"type": "value_error", "loc": (name,), "ctx": {"error": err}}
+                    raise ValidationError.from_exception_data(
+                        "Params", [{**error, "input": recipe}]
+                    ) from None
+        return variants
 
     def search_space(self, variant: str) -> SearchSpace:
         self.recipe(variant)
@@ -109,188 +232,77 @@ def check_variant(name: str) -> str:
     return name
 
 
-# --- field checks: each names the key path and what is allowed ------------------------------
+# --- pydantic's first error, as this project's one line --------------------------------------
+
+_SAYS = {  # pydantic's error type -> what is allowed, in params.yaml's words
+    "dataclass_type": "expected a mapping of keys to values, got {value!r}",
+    "dict_type": "expected a mapping of keys to values, got {value!r}",
+    "int_type": "expected a whole number, got {value!r}",
+    "greater_than_equal": "must be at least {ge}, got {value}",
+    "float_type": "expected a positive number, got {value!r}",
+    "greater_than": "must be a positive number, got {value}",  # only lr (gt=0) has a bound above
+    "finite_number": "must be a positive number, got {value}",
+    "bool_type": "expected true or false, got {value!r}",
+    "literal_error": "{value!r} is not one of: {choices}",
+    "tuple_type": "expected a non-empty list, got {value!r}",
+    "too_short": "expected a non-empty list, got {value!r}",
+    "string_type": "expected text, got {value!r}",
+    "string_too_short": "must not be empty",
+}
 
 
-def _mapping(value: Any, key: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: expected a mapping of keys to values, got {value!r}")
-    return value
+def _where(loc: tuple[str | int, ...]) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]")
+    return path.lstrip(".") or "top level"
 
 
-def _keys(
-    section: Mapping[str, Any], key: str, required: set[str], optional: set[str] | None = None
-) -> None:
-    if optional is None:
-        optional = set()
-    unknown = sorted(set(section) - required - optional)
-    if unknown:
-        allowed = ", ".join(sorted(required | optional))
-        raise ConfigError(f"{key}: unknown key {unknown[0]!r} (allowed: {allowed})")
-    missing = sorted(required - set(section))
-    if missing:
-        raise ConfigError(f"{key}: missing key {missing[0]!r}")
+def _one_line(error: ErrorDetails) -> str:
+    """`key.path: what is wrong`; for a missing key, the path of the mapping that lacks it."""
+    loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx", {})
+    if kind == "missing":
+        return f"{_where(loc[:-1])}: missing key {loc[-1]!r}"
+    if kind == "value_error":  # this module's validators: their message says it all
+        return f"{_where(loc)}: {ctx['error']}"
+    if kind in _SAYS:
+        choices = ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
+        return f"{_where(loc)}: " + _SAYS[kind].format(value=value, choices=choices, **ctx)
+    return f"{_where(loc)}: {error['msg']} (got {value!r})"
 
 
-def _choice(value: Any, key: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(allowed)}")
-    return value
-
-
-def _int(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{key}: must be at least {minimum}, got {value}")
-    return value
-
-
-def _positive_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a positive number, got {value!r}")
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{key}: must be a positive number, got {value}")
-    return float(value)
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-# --- sections -------------------------------------------------------------------------------
-
-
-def parse_data(raw: Any) -> DataConfig:
-    section = _mapping(raw, "data")
-    _keys(section, "data", {"dataset"}, {"mirrors"})
-    dataset = _choice(section["dataset"], "data.dataset", DATASETS)
-    mirrors_raw = _mapping(section.get("mirrors") or {}, "data.mirrors")
-    mirrors: dict[str, tuple[str, ...]] = {}
-    for name, urls in mirrors_raw.items():
-        key = f"data.mirrors.{name}"
-        _choice(name, f"data.mirrors: key {name!r}", DATASETS)
-        if isinstance(urls, str):
-            urls = [urls]
-        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
-            raise ConfigError(f"{key}: expected a list of URLs or folders, got {urls!r}")
-        mirrors[name] = tuple(urls)
-    return DataConfig(dataset=dataset, mirrors=mirrors)
-
-
-def parse_train(raw: Any) -> TrainConfig:
-    section = _mapping(raw, "train")
-    _keys(section, "train", {"seed", "device", "val_size"}, {"keep"})
-    return TrainConfig(
-        seed=_int(section["seed"], "train.seed", 0),
-        device=_choice(section["device"], "train.device", DEVICES),
-        val_size=_int(section["val_size"], "train.val_size", 0),
-        keep=_choice(section.get("keep", "best"), "train.keep", KEEP),
-    )
-
-
-_RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
-
-
-def parse_recipe(raw: Any, variant: str) -> Recipe:
-    key = f"variants.{variant}"
-    section = _mapping(raw, key)
-    required = _RECIPE_FIELDS - {"use_dropout"}
-    optional = {"use_dropout"} if VARIANTS[variant].dropout else set()
-    _keys(section, key, required, optional)
-    return Recipe(
-        optimizer=_choice(section["optimizer"], f"{key}.optimizer", OPTIMIZERS),
-        lr=_positive_float(section["lr"], f"{key}.lr"),
-        batch_size=_int(section["batch_size"], f"{key}.batch_size", 1),
-        epochs=_int(section["epochs"], f"{key}.epochs", 1),
-        shuffle=_bool(section["shuffle"], f"{key}.shuffle"),
-        use_dropout=_bool(section.get("use_dropout", True), f"{key}.use_dropout"),
-    )
-
-
-_SPACE_KEYS = {f.name for f in dataclasses.fields(SearchSpace)}
-
-
-def _lr_bounds(value: Any, key: str) -> tuple[float, float]:
-    bounds = _mapping(value, key)
-    _keys(bounds, key, {"low", "high"})
-    low, high = (
-        _positive_float(bounds["low"], f"{key}.low"),
-        _positive_float(bounds["high"], f"{key}.high"),
-    )
-    if not low < high:
-        raise ConfigError(f"{key}: low ({low}) must be below high ({high})")
-    return low, high
-
-
-def _int_choices(value: Any, key: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key}: expected a non-empty list of whole numbers, got {value!r}")
-    return tuple(sorted({_int(v, f"{key}[{i}]", 1) for i, v in enumerate(value)}))
-
-
-def _space_values(section: Mapping[str, Any], key: str) -> dict[str, Any]:
-    parsers = {"lr": _lr_bounds, "batch_size": _int_choices, "epochs": _int_choices}
-    return {name: parsers[name](value, f"{key}.{name}") for name, value in section.items()}
-
-
-def parse_tune(raw: Any) -> TuneSection:
-    section = _mapping(raw, "tune")
-    _keys(section, "tune", _SPACE_KEYS, {"variants"})
-    shared = SearchSpace(**_space_values({k: section[k] for k in _SPACE_KEYS}, "tune"))
-    per_variant = {}
-    for name, values in _mapping(section.get("variants") or {}, "tune.variants").items():
-        key = f"tune.variants.{name}"
-        if name not in VARIANTS:
-            raise ConfigError(
-                f"{key}: unknown variant {name!r}; choose from: {', '.join(VARIANTS)}"
-            )
-        values = _mapping(values, key)
-        _keys(values, key, set(), _SPACE_KEYS)
-        per_variant[name] = _space_values(values, key)
-    return TuneSection(shared=shared, variants=per_variant)
+_PARAMS = TypeAdapter(Params)
 
 
 def parse_params(raw: Any) -> Params:
     if raw is None:
         raise ConfigError("the file is empty; expected sections data, train and variants")
-    top = _mapping(raw, "top level")
-    _keys(top, "top level", {"data", "train", "variants"}, {"tune"})
-    variants_raw = _mapping(top["variants"], "variants")
-    variants = {}
-    for name, recipe in variants_raw.items():
-        if name not in VARIANTS:
-            raise ConfigError(
-                f"variants: unknown variant {name!r}; known variants: {', '.join(VARIANTS)} "
-                "(a new one also needs an entry in mnist_pipeline/models.py)"
-            )
-        variants[name] = parse_recipe(recipe, name)
-    return Params(
-        data=parse_data(top["data"]),
-        train=parse_train(top["train"]),
-        variants=variants,
-        tune=parse_tune(top["tune"]) if "tune" in top else None,
-    )
+    try:
+        return _PARAMS.validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0])) from None
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
-    """The raw mapping in params.yaml, with one-line errors for a missing or malformed file."""
+    """The raw mapping in params.yaml, with one-line errors for a missing or malformed file.
+
+    Read as DVC reads it (ruamel.yaml, YAML 1.2): the `1e-05` that `dvc exp run -S lr=1e-5`
+    writes is a number, as `dvc params diff` shows it, where PyYAML (YAML 1.1) reads a string."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: not found; run from the project folder or set MNIST_PIPELINE_ROOT"
         ) from None
+    return _safe_load(text, path)
+
+
+def _safe_load(text: str, path: Path) -> Any:
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+        return YAML(typ="safe").load(text)
+    except YAMLError as err:  # its own message spans several lines
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    return raw
 
 
 def load_params(path: Path) -> Params:
@@ -315,7 +327,39 @@ def with_overrides(params: Params, variant: str, **overrides: Any) -> Params:
         else:
             raise ValueError(f"no such setting: {name}")
     if not VARIANTS[variant].dropout and overrides.get("use_dropout") is None:
-        recipe.pop("use_dropout")  # (a --use-dropout flag stays, and is refused by parse_recipe)
-    variants = dict(params.variants)
-    variants[variant] = parse_recipe(recipe, variant)
-    return dataclasses.replace(params, train=parse_train(train), variants=variants)
+        recipe.pop("use_dropout")  # (a --use-dropout flag stays, and is refused as a key)
+    # The untouched sections go in as they are (validated already); errors name params.yaml's keys.
+    variants = {**params.variants, variant: recipe}
+    fields = {"data": params.data, "train": train, "variants": variants, "tune": params.tune}
+    return parse_params(fields)
+
+
+# --- tune --apply: the search's recipe back into params.yaml ---------------------------------
+
+
+def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
+    """Write `recipe`'s lr (4 significant digits), batch size and epochs into params.yaml's
+    `variants.<variant>`, through ruamel.yaml's round trip: every comment and every other line
+    stays; then `dvc repro` trains it as the pipeline's recipe, and `dvc exp show`/`dvc params
+    diff` show the change. The edited file must parse to exactly the intended recipe before it
+    replaces the old one."""
+    # ruamel.yaml's round trip, set as DVC sets it (dvc/utils/serialize/_yaml.py): params.yaml's
+    # layout is the one both `dvc exp run -S` and `tune --apply` write back unchanged
+    rt = YAML()
+    rt.default_flow_style = False
+    document = rt.load(path.read_text(encoding="utf-8"))
+    entry = (document.get("variants") or {}).get(variant)
+    if not isinstance(entry, Mapping):
+        raise PipelineError(f"{path.name}: variants.{variant} not found; add its recipe first")
+    lr = float(f"{recipe.lr:.4g}")
+    entry["lr"], entry["batch_size"], entry["epochs"] = lr, recipe.batch_size, recipe.epochs
+    stream = io.StringIO()
+    rt.dump(document, stream)
+    text = stream.getvalue()
+    if parse_params(_safe_load(text, path)).recipe(variant) != dataclasses.replace(recipe, lr=lr):
+        raise PipelineError(f"{path.name}: could not edit variants.{variant} in place")
+    write_text_atomic(path, text)
+    print(
+        f"{variant}: params.yaml now has lr {lr:.4g}, batch_size {recipe.batch_size}, "
+        f"epochs {recipe.epochs}; `dvc repro` trains it as the pipeline's recipe"
+    )

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,62 +310,3 @@ def _best_trial(grid):
 
 def _counted(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no trials"
-
-
-# --- from the search back to the pipeline ---------------------------------------------------
-
-
-def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
-    """Write `recipe`'s lr, batch size and epochs into params.yaml's `variants.<variant>`: a
-    targeted edit of those three values in the variant's entry, so every other byte (comments,
-    layout, flow style) stays; then `dvc repro` trains it as the pipeline's recipe, and
-    `dvc exp show`/`dvc params diff` show the change. The edited file must parse to exactly the
-    intended recipe before it replaces the old one."""
-    import re
-
-    from mnist_pipeline.config import parse_params, read_params_file
-    from mnist_pipeline.fileio import write_text_atomic
-
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    start, end = _entry_lines(lines, variant)
-    entry = "".join(lines[start:end])
-    values = {"lr": f"{recipe.lr:.4g}", "batch_size": recipe.batch_size, "epochs": recipe.epochs}
-    for key, value in values.items():
-        entry, found = re.subn(rf"(\b{key}:\s*)[^,}}\s#]+", rf"\g<1>{value}", entry, count=1)
-        if not found:
-            raise PipelineError(f"{path.name}: variants.{variant} has no {key}: to replace")
-    text = "".join([*lines[:start], entry, *lines[end:]])
-    wanted = dataclasses.replace(recipe, lr=float(values["lr"]))
-    with tempfile.TemporaryDirectory() as folder:
-        check = Path(folder) / path.name
-        check.write_text(text, encoding="utf-8")
-        if parse_params(read_params_file(check)).recipe(variant) != wanted:
-            raise PipelineError(f"{path.name}: could not edit variants.{variant} in place")
-    write_text_atomic(path, text)
-    print(
-        f"{variant}: params.yaml now has lr {values['lr']}, batch_size {recipe.batch_size}, "
-        f"epochs {recipe.epochs}; `dvc repro` trains it as the pipeline's recipe"
-    )
-
-
-def _entry_lines(lines: list[str], variant: str) -> tuple[int, int]:
-    """The lines of `variants.<variant>` in params.yaml: its key's line up to the next line
-    indented as little (comments and blank lines between entries are not its)."""
-    top = next((i for i, line in enumerate(lines) if line.startswith("variants:")), None)
-    if top is None:
-        raise PipelineError("params.yaml: no variants: section to write the recipe into")
-    for i in range(top + 1, len(lines)):
-        line = lines[i]
-        if line.strip() and not line.startswith((" ", "#")):
-            break  # the next top-level section
-        if line.lstrip().startswith(f"{variant}:"):
-            indent = len(line) - len(line.lstrip())
-            end = i + 1
-            while end < len(lines) and (
-                not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent
-            ):
-                end += 1
-            while end > i + 1 and not lines[end - 1].strip():
-                end -= 1
-            return i, end
-    raise PipelineError(f"params.yaml: variants.{variant} not found; add its recipe first")
