@@ -173,6 +173,16 @@ def test_the_same_checkpoint_exports_the_same_bytes(exported):
     assert again == exported.outputs.onnx.read_bytes()
 
 
+def test_the_torch_export_based_exporter_gives_the_same_model(exported):
+    """The way forward when torch drops the TorchScript exporter: the same probabilities."""
+    x = exported.test_images[:64].numpy()
+    md5 = file_md5(exported.outputs.checkpoint)
+    other = to_onnx(exported.served(), exported.variant, md5, dynamo=True)
+    ours = session(exported.outputs.onnx).run(None, {"images": x})[0]
+    theirs = ort.InferenceSession(other, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(theirs.run(None, {"images": x})[0], ours, atol=1e-6)
+
+
 def test_the_training_run_holds_each_forms_figures_under_its_own_name(exported):
     metrics, run_id = exported.run().data.metrics, exported.run_id
     assert set(SHARED) - {"test/accuracy_b1"} <= set(metrics)  # the PyTorch form's

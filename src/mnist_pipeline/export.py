@@ -71,27 +71,50 @@ def _guarded(variant: str, what: str, step):
         raise PipelineError(f"{variant}: {what} failed ({first_line(err)})") from err
 
 
-def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str) -> bytes:
+def to_onnx(
+    served: nn.Sequential, variant: str, checkpoint_md5: str, dynamo: bool = False
+) -> bytes:
     """The served model as a single-file ONNX model (serialised), batch dimension dynamic.
 
-    torch.export-based exporter (the TorchScript one is deprecated). What differs between two
-    hosts exporting the same checkpoint is dropped: per-node debug metadata (stack traces with
-    absolute paths) and the torch build suffix (+cpu, +cu130); the same checkpoint, torch and
-    onnxscript then give the same bytes."""
+    torch's TorchScript-based exporter: a process exporting with it pays 3 s less than with the
+    torch.export-based one (`dynamo=True`: it imports torch._dynamo and onnxscript, and traces
+    for 2.7 s against 0.5 s; benchmarks/README.md), and this export is a chain of stock layers,
+    which both translate to the same graph (tests/test_export.py). torch calls it legacy since
+    2.9: `dynamo=True` is the way when it goes. What differs between two hosts exporting one
+    checkpoint is dropped (debug metadata, the torch build suffix): the same checkpoint and torch
+    give the same bytes."""
+    import io
+    import warnings
+
     import onnx
 
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        served,
-        (torch.zeros(2, *INPUT_SHAPE),),
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
-    proto = program.model_proto
+    if dynamo:
+        program = torch.onnx.export(
+            served,
+            (torch.zeros(2, *INPUT_SHAPE),),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False,
+        )
+        proto = program.model_proto
+    else:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the choice above, made knowingly
+            torch.onnx.export(
+                served,
+                (torch.zeros(2, *INPUT_SHAPE),),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        proto = onnx.load_from_string(buffer.getvalue())
     graph = proto.graph
     for item in (*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer):
         del item.metadata_props[:]
