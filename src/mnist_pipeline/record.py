@@ -66,7 +66,7 @@ def open_store(root: Path, dataset: str) -> Store:
     import mlflow
 
     uri = tracking.tracking_uri(root)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, experiment=tracking.experiment_name(dataset), root=root)
     if moved := tracking.follow_a_moved_project(root):
         print(f"the project moved from {moved}: its local store now keeps artifacts here")
     mlflow.set_tracking_uri(uri)
