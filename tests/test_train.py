@@ -188,15 +188,16 @@ def test_the_torchsummary_table_is_an_artifact(trained):
     assert "Total params" in mlflow.artifacts.load_text(uri)
 
 
-def test_the_logged_model_is_named_after_the_variant_and_links_the_kept_epoch(trained):
+def test_the_logged_model_is_named_after_the_variant_and_no_metric_is_sent_twice(trained):
+    """Training links no metric to the model: linking one means sending the run's point again,
+    which a PostgreSQL store refuses as a duplicate (`evaluate` links the test figures)."""
     (logged,) = mlflow.search_logged_models(
         experiment_ids=[trained.run.info.experiment_id],
         filter_string=f"source_run_id = '{trained.result.run_id}'",
         output_format="list",
     )
     assert logged.name == trained.variant and logged.model_id == trained.result.model_id
-    linked = {m.key: m for m in logged.metrics}
-    assert linked["val/accuracy"].dataset_name == "mnist-validation"
+    assert not logged.metrics
 
 
 def test_the_logged_model_returns_probabilities(trained):

@@ -46,6 +46,13 @@ def signature() -> ModelSignature:
     )
 
 
+# The step a model is logged at. Under a run, MLflow links the run's metrics of that step to the
+# model by sending them to the store a second time, which PostgreSQL refuses as duplicates (and
+# the team server logs a driver error for each). No metric is at step -1: nothing is sent again.
+# A model's own figures are linked by `evaluate` (its test metrics).
+MODEL_STEP = -1
+
+
 def log_model(model: nn.Sequential, variant: str, params: dict | None = None) -> str:
     """Log the served form of `model` to the active run as the logged model `variant`; return
     its model id (metrics logged with it show on the Models tab)."""
@@ -59,6 +66,7 @@ def log_model(model: nn.Sequential, variant: str, params: dict | None = None) ->
         signature=signature(),
         input_example=np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
         params=params,
+        step=MODEL_STEP,
         # The one requirement: scanning installed distributions costs seconds per run.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )

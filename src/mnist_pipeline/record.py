@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,8 +187,6 @@ class EpochLogger:
     goes on (its results are saved locally) and the first error is kept."""
 
     error: str | None = None
-    timestamps: dict[int, int] = field(default_factory=dict)  # epoch -> when it was logged
-    rows: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> what was
 
     def __call__(self, row: dict[str, float], epoch: int) -> None:
         if self.error is not None:
@@ -196,8 +194,7 @@ class EpochLogger:
         import mlflow
 
         try:
-            self.timestamps[epoch], self.rows[epoch] = int(time.time() * 1000), row
-            mlflow.log_metrics(row, step=epoch, timestamp=self.timestamps[epoch])
+            mlflow.log_metrics(row, step=epoch)
         except Exception as err:
             self.error = first_line(err)
             print(
@@ -294,8 +291,8 @@ def log_timings(history: list[dict[str, float]]) -> None:
 
 def record_training(run_id: str, training: Training, *, live: EpochLogger | None = None) -> str:
     """From the outputs, into the active run `run_id`: the summary, the per-epoch history (a live
-    run logged it as it went), the logged model with the kept epoch's validation figures linked,
-    and last the checkpoint's MD5. Returns the logged model's id."""
+    run logged it as it went), the logged model (`evaluate` links its test figures to it), and
+    last the checkpoint's MD5. Returns the logged model's id."""
     import mlflow
 
     from mnist_pipeline.logged_model import log_model
@@ -315,18 +312,6 @@ def record_training(run_id: str, training: Training, *, live: EpochLogger | None
         mlflow.log_metric("kept_epoch", kept_epoch, run_id=run_id)
     recipe = meta["recipe"]
     model_id = log_model(model, training.variant, params={"variant": training.variant, **recipe})
-    kept = live.rows.get(kept_epoch, {})
-    if "val/accuracy" in kept:
-        # The kept epoch's validation figures, linked to the model (the Models tab). Same step,
-        # time and value as the epoch's own point: MLflow keeps one.
-        mlflow.log_metrics(
-            {k: kept[k] for k in ("val/accuracy", "val/loss")},
-            step=kept_epoch,
-            timestamp=live.timestamps[kept_epoch],
-            run_id=run_id,
-            model_id=model_id,
-            dataset=training.datasets()["validation"],
-        )
     client.set_tag(run_id, CHECKPOINT_TAG, file_md5(training.outputs.checkpoint))
     return model_id
 
@@ -438,7 +423,9 @@ def record_export(store: Store, run, training: Training, live: dict | None = Non
     figures = json.loads(outputs.export_metrics.read_text())
     test_set = training.datasets()["evaluation"]
     now = int(time.time() * 1000)
-    for form, model_id in model_ids.items():
+    # A millisecond apart: two forms of equal accuracy at one time would be one point sent twice
+    # (the store refuses the second as a duplicate).
+    for offset, (form, model_id) in enumerate(model_ids.items()):
         values = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith(f"{form}/")}
         measured = (live or {}).get("forms", {}).get(form, {})
         values |= {k: v for k, v in measured.items() if "latency" in k}
@@ -450,7 +437,7 @@ def record_export(store: Store, run, training: Training, live: dict | None = Non
         mlflow.log_metrics(
             logged,
             step=EXPORT_STEP,
-            timestamp=now,
+            timestamp=now + offset,
             run_id=run_id,
             model_id=model_id,
             dataset=test_set,
