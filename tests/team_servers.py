@@ -222,7 +222,10 @@ def database_host() -> Iterator[Postgres]:
     user: dict = {}
     owner = pwd.getpwuid(os.geteuid())
     if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            missing("no `postgres` system user to run PostgreSQL as (Debian's package makes it)")
         user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
     sockets = _default_socket_folder(folder)
     if os.geteuid() == 0 and not sockets.exists():  # as Debian's package makes it
