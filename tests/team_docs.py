@@ -39,7 +39,7 @@ NOT_RUN = {
     "chown mlflow:mlflow /etc/mlflow/server.key /etc/mlflow/server.pem "
     "/etc/mlflow/basic_auth.ini": "no `mlflow` user here: the server runs as the test's user",
     "systemctl daemon-reload && systemctl enable --now mlflow": (
-        "the test starts the unit's command with the unit's environment file (unit_command)"
+        "the test starts the unit's command with its environment file (team_servers.mlflow_server)"
     ),
     "make setup && . .venv/bin/activate": "the hosts run in the project's environment already",
 }
