@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -33,11 +34,22 @@ def experiment_name(dataset: str) -> str:
     return os.environ.get(EXPERIMENT_ENV) or f"mnist-pipeline-{dataset}"
 
 
-def check_reachable(uri: str, *, writing: bool = True) -> None:
+def check_reachable(
+    uri: str, *, writing: bool = True, experiment: str | None = None, root: Path | None = None
+) -> None:
     """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
     not answer, whose TLS certificate this host does not trust, that refuses the credentials
-    (401) or the account (403: reading; with `writing`, writing runs); or a local SQLite store
-    that cannot be opened (it is created here if need be)."""
+    (401) or the account (403: reading; with `writing`, writing runs into `experiment`, or
+    creating it); or a local SQLite store that cannot be opened (it is created here if need be).
+    A stage that stops here under `dvc repro`, its outputs already deleted by DVC, says how to
+    bring them back (`root`: the project they belong to)."""
+    try:
+        _check_store(uri, writing, experiment)
+    except PipelineError as err:
+        raise PipelineError(f"{err}{_restore_hint(root)}") from None
+
+
+def _check_store(uri: str, writing: bool, experiment: str | None) -> None:
     if uri.startswith("sqlite:"):
         _open_sqlite_store(uri)
         return
@@ -66,7 +78,7 @@ def check_reachable(uri: str, *, writing: bool = True) -> None:
         fix = f"ask the server's owner for READ permission, or set {_ACCOUNT} to another account"
         raise _refused(uri, f"{user} reading runs", "403 Forbidden", fix)
     if writing and status == 200:
-        _check_writable(uri, ask, user)
+        _check_writable(uri, ask, user, experiment or os.environ.get(EXPERIMENT_ENV) or "Default")
 
 
 def _refused(uri: str, what: str, status: str, fix: str) -> PipelineError:
@@ -114,31 +126,70 @@ def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
     return reply.status_code, body
 
 
-def _check_writable(uri: str, ask, user: str) -> None:
-    """Whether the account may write runs into the experiment they go to (MLFLOW_EXPERIMENT_ID
-    or _NAME; else the server's `Default`, which stands for all of them where trainers hold EDIT
-    on every experiment, as docs/team.md sets up). The probe is a write that changes nothing:
-    deleting an experiment tag that does not exist. The server checks the permission first (403),
-    then answers 404."""
-    experiment_id, where = "0", "experiment 'Default'"
-    if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        experiment_id, where = found, f"experiment {found}"
-    elif name := os.environ.get(EXPERIMENT_ENV):
+def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
+    """Whether the account may write runs where the stage will: into MLFLOW_EXPERIMENT_ID's
+    experiment when that is set, else into `experiment` (the pipeline's, or
+    MLFLOW_EXPERIMENT_NAME's); where that does not exist yet, whether it may create it (MLflow
+    then makes the account its manager: an account with no grant trains into an experiment of
+    its own). Each probe is a write that changes nothing, which the server refuses (403) before
+    it reads the request: deleting an experiment tag that does not exist (else 404), creating an
+    experiment with no name (else 400)."""
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    where = f"experiment {experiment_id}" if experiment_id else f"experiment '{experiment}'"
+    if not experiment_id:
         status, body = ask(
-            "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}
+            "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
         )
         if status == 200 and body:
-            experiment_id, where = body["experiment"]["experiment_id"], f"experiment '{name}'"
-    status, _ = ask(
-        "/api/2.0/mlflow/experiments/delete-experiment-tag",
-        "POST",
-        json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
-    )
+            experiment_id = body["experiment"]["experiment_id"]
+        elif status == 403:
+            fix = f"ask the server's owner for READ permission on it, or set {_ACCOUNT}"
+            raise _refused(uri, f"{user} reading {where}", "403 Forbidden", fix)
+    if experiment_id:
+        doing, account = f"writing runs to {where}", "a read-only account"
+        status, _ = ask(
+            "/api/2.0/mlflow/experiments/delete-experiment-tag",
+            "POST",
+            json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
+        )
+    else:
+        doing, account = f"creating {where}", "an account that may not create experiments"
+        status, _ = ask("/api/2.0/mlflow/experiments/create", "POST", json={"name": ""})
     if status == 403:
         owner = "ask the server's owner to make it a trainer (docs/team.md)"
         fix = f"{owner}, or set {_ACCOUNT} to a trainer's account"
-        what = f"{user} writing runs to {where}"
-        raise _refused(uri, what, "403 Forbidden: a read-only account", fix)
+        raise _refused(uri, f"{user} {doing}", f"403 Forbidden: {account}", fix)
+
+
+def _restore_hint(root: Path | None) -> str:
+    """Under `dvc repro`, DVC deletes a stage's outputs before it runs the stage (`-f`, or a
+    changed dependency): a stage that stops before any work leaves them missing. Those in
+    DVC's cache come back with `dvc checkout <stage>`, those it does not cache (metrics and
+    plots, which git keeps) with `git checkout`: the command, or "" where nothing is missing.
+    Read (dvc.lock, git's index) only on the way out with an error."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage or root is None or not (root / "dvc.lock").is_file():
+        return ""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        lock = YAML(typ="safe").load((root / "dvc.lock").read_text())
+        outs = lock["stages"][stage].get("outs", [])
+        gone = [out["path"] for out in outs if not (root / out["path"]).exists()]
+        if not gone:
+            return ""
+        in_git = subprocess.run(
+            ["git", "ls-files", "--", *gone], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError, YAMLError, LookupError, TypeError):
+        return ""  # no hint, rather than a second error
+    commands = [f"git checkout -- {' '.join(in_git)}"] if in_git else []
+    if set(gone) - set(in_git):
+        commands.append(f"dvc checkout {stage}")
+    return (
+        f"; DVC deleted this stage's outputs before running it ({', '.join(gone)}): "
+        f"`{' && '.join(commands)}` brings them back"
+    )
 
 
 def _open_sqlite_store(uri: str) -> None:

@@ -42,7 +42,7 @@ class Store:
 def open_store(root: Path, dataset: str) -> Store:
     """Check the store answers (fail fast, before any work) and find or create the experiment."""
     uri = tracking.tracking_uri(root)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, experiment=tracking.experiment_name(dataset), root=root)
     if moved := tracking.follow_a_moved_project(root):
         print(f"the project moved from {moved}: its local store now keeps artifacts here")
     mlflow.set_tracking_uri(uri)
