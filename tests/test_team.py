@@ -49,11 +49,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 from packaging.requirements import Requirement
 
-from mnist_pipeline import paths, record, registry
+from mnist_pipeline import paths
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
 from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import file_md5
+from mnist_pipeline.record import evaluation as registry
+from mnist_pipeline.record import training as record
 from tests.conftest import Mirror, tiny_params
 from tests.helpers import (
     DVC,
@@ -363,17 +365,21 @@ def as_client(team: Team, monkeypatch) -> None:
 
 
 def runs_of(team: Team, experiment: str, filter_string: str = "") -> list:
+    """The experiment's training runs (not the exported forms' child runs) that `filter_string`
+    picks."""
     client = mlflow.MlflowClient(team.server.url)
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no experiment {experiment!r} on the server"
-    return client.search_runs([found.experiment_id], filter_string, max_results=1000)
+    training = "tags.`run.kind` != 'form'"
+    where = f"{filter_string} and {training}" if filter_string else training
+    return client.search_runs([found.experiment_id], where, max_results=1000)
 
 
 def load_logged_model(run, variant: str) -> mlflow.pyfunc.PyFuncModel:
-    """The run's logged model (named after its variant), loaded through the server."""
+    """The run's logged model (its PyTorch form), loaded through the server."""
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{variant}'",
+        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`export.form` = 'torch'",
         output_format="list",
     )
     assert len(models) == 1, models
@@ -543,9 +549,9 @@ def test_two_hosts_train_at_once_and_compare_shows_both(
     with MLflow's credentials file, the other with the environment (CI's way)."""
     experiment = "team-two-hosts"
     commands = " && ".join(
-        f"mnist-pipeline train --variant {v} && mnist-pipeline evaluate --variant {v}"
-        for v in VARIANTS
+        f"mnist-pipeline {stage} --variant {v}" for v in VARIANTS for stage in ("train", "evaluate")
     )
+    commands += " && mnist-pipeline sync"  # the record of the evaluation, as `dvc repro` ends
     with ExitStack() as stack:
         jobs = {}
         for host in HOSTS:
@@ -628,8 +634,8 @@ def test_the_dvc_key_stays_out_of_git_and_of_the_projects_settings(team, doc_flo
 def test_the_viewer_pulls_the_files_the_trainer_pushed(doc_flow):
     viewer, trainer = doc_flow.viewer, doc_flow.trainer
     for variant in VARIANTS:
-        pulled = paths.checkpoint_path(viewer.repo, variant).read_bytes()
-        assert pulled == paths.checkpoint_path(trainer.repo, variant).read_bytes()
+        pulled = paths.pipeline_outputs(viewer.repo, variant).checkpoint.read_bytes()
+        assert pulled == paths.pipeline_outputs(trainer.repo, variant).checkpoint.read_bytes()
     assert up_to_date(sh([DVC, "status"], viewer.repo, viewer.shell.env))
 
 
@@ -649,21 +655,22 @@ def test_a_trainer_in_a_pulled_clone_adds_no_run(team, doc_flow, as_client):
         "MLFLOW_TRACKING_USERNAME": TRAINER,
         "MLFLOW_TRACKING_PASSWORD": TRAINER_PASSWORD,
     }
-    script = f"{viewer.shell.profile}\nmnist-pipeline evaluate --variant ffn1_relu"
+    script = (
+        f"{viewer.shell.profile}\nmnist-pipeline evaluate --variant ffn1_relu\nmnist-pipeline sync"
+    )
     sh(["bash", "-ec", script], viewer.repo, env)
 
     after = {r.info.run_id: r for r in runs_of(team, EXPERIMENT)}
     assert after.keys() == before.keys()  # no new run...
     assert not runs_of(team, EXPERIMENT, "tags.`record.source` = 'outputs'")
     (trained,) = [r for r in after.values() if r.data.tags["variant"] == "ffn1_relu"]
-    md5 = file_md5(paths.checkpoint_path(viewer.repo, "ffn1_relu"))
+    md5 = file_md5(paths.pipeline_outputs(viewer.repo, "ffn1_relu").checkpoint)
     assert trained.data.tags["checkpoint.md5"] == md5  # ...the run that trained this checkpoint
     history = mlflow.MlflowClient(team.server.url).get_metric_history(
         trained.info.run_id, "test/accuracy"
     )
-    # the trainer's evaluation (step 1; the exported forms' are at step 0): the same outputs add
-    # nothing
-    assert [m.step for m in history if m.step == record.EVALUATION_STEP] == [1]
+    # one value: the same outputs add nothing, and the other forms' have names of their own
+    assert len(history) == 1
     assert_complete(team, trained, "ffn1_relu")
 
 
@@ -673,7 +680,7 @@ def test_a_viewers_dvc_repro_is_refused_and_names_the_checkout_that_restores_the
     """`dvc repro -f` deletes the stage's outputs before it runs the stage, which refuses the
     viewer; the one line says which `dvc checkout` brings them back, and it does."""
     viewer = doc_flow.viewer
-    checkpoint = paths.checkpoint_path(viewer.repo, "ffn1_relu")
+    checkpoint = paths.pipeline_outputs(viewer.repo, "ffn1_relu").checkpoint
     kept = checkpoint.read_bytes()
     script = f"{viewer.shell.profile}\n{DVC} repro -f -s train@ffn1_relu"
     done = subprocess.run(
@@ -826,9 +833,9 @@ def test_no_account_a_wrong_password_a_viewer_or_an_untrusted_certificate_stop_b
     wrong = refusal(team, 401, f"the password of user '{TRAINER}'")
     viewer = refusal(team, 403, f"user '{VIEWER}'")
     cases = [  # (user, password, trust the CA, commands, the line)
-        (None, None, True, ("train", "evaluate", "compare"), anonymous),
+        (None, None, True, ("train", "sync", "compare"), anonymous),
         (TRAINER, "not-" + TRAINER_PASSWORD, True, ("train", "compare"), wrong),
-        (VIEWER, VIEWER_PASSWORD, True, ("train", "evaluate"), viewer),
+        (VIEWER, VIEWER_PASSWORD, True, ("train", "sync"), viewer),
         (TRAINER, TRAINER_PASSWORD, False, ("train", "compare"), untrusted),
     ]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.server.url)
@@ -838,7 +845,9 @@ def test_no_account_a_wrong_password_a_viewer_or_an_untrusted_certificate_stop_b
         if not trusted:
             monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
         for command in commands:
-            args = [command] if command == "compare" else [command, "--variant", "ffn1_relu"]
+            args = (
+                [command] if command in ("compare", "sync") else [command, "--variant", "ffn1_relu"]
+            )
             code, err = cli(capsys, *args)
             assert code == 1
             assert one_line(err) == f"mnist-pipeline {command}: error: {expected}"
@@ -884,7 +893,7 @@ def test_a_viewer_reads_the_runs_and_cannot_log_register_or_move_the_alias(
     it."""
     client = mlflow.MlflowClient(team.server.url)
     assert {r.data.tags["variant"] for r in runs_of(team, EXPERIMENT)} == set(VARIANTS)
-    name = registry.model_name("mnist", "ffn1_relu")
+    name = "mnist-ffn1_relu"
     champion = client.get_model_version_by_alias(name, registry.ALIAS)  # the registry reads too
     run_ = client.get_run(champion.run_id)
     assert run_.data.tags["variant"] == "ffn1_relu" and "test/accuracy" in run_.data.metrics
@@ -949,7 +958,7 @@ def test_an_account_refused_mid_run_keeps_the_results(
     print(line)
     assert f"the tracking store at {team.server.url} failed during training" in line
     assert "403" in line and "training finished and its results are saved" in line
-    checkpoint = paths.checkpoint_path(tiny_data, variant)
+    checkpoint = paths.pipeline_outputs(tiny_data, variant).checkpoint
     assert (
         checkpoint.is_file() and paths.pipeline_outputs(tiny_data, variant).train_metrics.is_file()
     )
