@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup postgres chromium iproute pipeline test test-slow lint format ui benchmark clean
+.PHONY: help setup test-tools pipeline test test-slow lint format ui benchmark clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,48 +30,33 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv with the project and its dev tools
 
-# tests/test_team.py starts a PostgreSQL server of its own (initdb in a temporary folder): it needs
-# Debian's server programs (/usr/lib/postgresql/<version>/bin); it makes the team server's
-# certificate with `openssl` and its accounts with `curl`, as docs/team.md does. Installed as root
-# or with password-less sudo; otherwise those tests are skipped (and fail under CI=true).
-postgres: ## install Debian's PostgreSQL server programs, openssl and curl if they are missing
+# Debian programs the tests run, as their users would (installed as root or with password-less
+# sudo, one `apt-get update` for all; a test whose program is missing is skipped, and fails under
+# CI=true):
+# - postgresql, openssl, curl: tests/test_team.py runs docs/team.md on a PostgreSQL of its own;
+# - chromium: tests/test_plots.py opens DVC's plot page offline;
+# - iproute2: tests/test_tune.py's two-node Ray cluster in a network namespace of its own;
+# - qemu-user: tests/test_export.py runs the int8 model on an emulated CPU without VNNI.
+TOOLS := initdb=postgresql openssl=openssl curl=curl chromium=chromium ip=iproute2 ss=iproute2 \
+         qemu-x86_64=qemu-user
+test-tools: ## install the Debian programs the tests run, where missing
 	@missing=""; \
-	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then missing="postgresql"; fi; \
-	for tool in openssl curl; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	for pair in $(TOOLS); do tool=$${pair%%=*}; package=$${pair#*=}; \
+	  if ! command -v $$tool >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/$$tool >/dev/null 2>&1; then \
+	    case " $$missing " in *" $$package "*) ;; *) missing="$$missing $$package";; esac; fi; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
-	  echo "installing Debian's$$missing (for tests/test_team.py)"; \
+	  echo "installing Debian's$$missing (for the tests)"; \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-	  || echo "could not install$$missing: tests/test_team.py will be skipped"; \
-	fi
-
-# tests/test_plots.py opens DVC's plot page in Debian's headless chromium, in a network namespace
-# with no network (`unshare --net`), to see it draw every chart offline. Skipped without it.
-chromium: ## install Debian's chromium if it is missing (for tests/test_plots.py)
-	@if ! command -v chromium >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
-	  echo "installing Debian's chromium (for tests/test_plots.py)"; \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null \
-	  || echo "could not install chromium: the browser checks in tests/test_plots.py will be skipped"; \
-	fi
-
-# tests/test_tune.py runs a two-node Ray cluster in a network namespace of its own: `unshare`
-# (util-linux), `ip` and `ss` (Debian's iproute2). Installed as root if missing; else skipped.
-iproute: ## install Debian's iproute2 (ip, ss) if it is missing
-	@if ! command -v ip >/dev/null 2>&1 || ! command -v ss >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
-	  echo "installing Debian's iproute2 (for tests/test_tune.py)"; \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends iproute2 >/dev/null \
-	  || echo "could not install iproute2: the cluster test in tests/test_tune.py will be skipped"; \
+	  || echo "could not install$$missing: the tests that need them will be skipped"; \
 	fi
 
 pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
 	$(BIN)/dvc repro
 
-test: $(STAMP) postgres chromium iproute ## Ruff (lint + format check) and the default test run
+test: $(STAMP) test-tools ## Ruff (lint + format check) and the default test run
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -95,7 +95,7 @@ def rendered_charts(page: str) -> str:
     """The page's DOM once its scripts ran, in a browser with no network at all."""
     browser = shutil.which("chromium")
     if browser is None or shutil.which("unshare") is None:
-        reason = "needs Debian's chromium and unshare (`make chromium` installs chromium)"
+        reason = "needs Debian's chromium and unshare (`make test-tools` installs it)"
         if os.environ.get("CI"):  # CI never silently skips: `make test` installs it
             pytest.fail(reason)
         pytest.skip(reason)

@@ -157,7 +157,7 @@ def test_a_search_on_a_two_node_cluster_survives_a_dead_node():
     probe = None if missing else subprocess.run(["unshare", "--net", "true"], capture_output=True)
     if missing or probe.returncode != 0:
         reason = (
-            f"cannot make a network namespace: {', '.join(missing)} missing (make iproute)"
+            f"cannot make a network namespace: {', '.join(missing)} missing (make test-tools)"
             if missing
             else f"cannot make a network namespace (unshare --net: {probe.stderr.decode().strip()})"
         )
