@@ -110,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load params.yaml, then `commands.<command>(params, root, **options)`."""
     root = project_root()
     params_file = args.params or root / PARAMS_FILE
     params = load_params(params_file)
@@ -164,8 +163,7 @@ def entry() -> None:
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        # a closed pipe (`| head`): nothing more can be written
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`)
             stream.flush()
     os._exit(code)
 
@@ -194,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; nothing was saved")
         return 130
+    except signals.Terminated:
+        say("terminated; nothing was saved")
+        return 143
     except BaseException as err:
-        if isinstance(err, signals.Terminated):
-            say("terminated; nothing was saved")
-            return 143
         line = _environment_error(err)
         if line is None:
             raise

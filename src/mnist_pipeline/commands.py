@@ -1,11 +1,10 @@
-"""What each `mnist-pipeline` command does below the command line: the stage's computation (the
-stage module writes what DVC tracks), then its record in MLflow (`record/`).
+"""Each command below the command line: run the stage, then record it in MLflow.
 
-Neither this module nor `cli.py` is a stage's dependency in dvc.yaml: they choose which
-computation runs and when it is recorded, not what it writes. `train` records its live run; the
-pipeline's other outputs are recorded by `sync`, dvc.yaml's last stage; a one-off's at once.
-Each command imports its stage and recording inside its function: they import torch, MLflow or
-ONNX, and a command pays only for what it uses.
+A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run,
+a one-off's at once, the pipeline's other outputs in `sync`, dvc.yaml's last stage. Neither this
+module nor `cli.py` is a stage's dependency: they choose what runs, not what it writes. Each
+command imports its stage and recording inside its function: they load torch, MLflow or ONNX,
+and a command pays only for what it uses.
 """
 
 from __future__ import annotations

@@ -4,12 +4,11 @@
     mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
     mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
     mnist-pipeline compare --exp bulky-pita         # a DVC experiment beside its baseline
-    MLFLOW_TRACKING_URI=http://mlflow.internal:5000 mnist-pipeline compare
 
-One row per variant, one column group per `host · device` (the runs' tags): whether the checkpoint
-has the first group's bytes (`same`, else the accuracy difference), test accuracy, training
-speed, and what each host measured of the three forms. Finished training runs of the params.yaml
-recipes only (`--one-off` adds one-offs); a run rebuilt by `sync` shows as device `rebuilt`.
+Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
+else the accuracy difference), test accuracy, training speed, and each form's measured figures.
+Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
+by `sync` shows as device `rebuilt`.
 """
 
 from __future__ import annotations
@@ -254,7 +253,6 @@ def _shown(table: pd.DataFrame) -> pd.DataFrame:
             shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
     labels[BYTES] = (BYTES, str)
     shown.columns = pd.MultiIndex.from_tuples(
-        [(group, labels[metric][0]) for group, metric in table.columns],
-        names=table.columns.names,
+        [(group, labels[metric][0]) for group, metric in table.columns], names=table.columns.names
     )
     return shown

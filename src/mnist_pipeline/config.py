@@ -1,5 +1,8 @@
-"""params.yaml, parsed once at the edge into typed, frozen objects that pydantic validates; each
-error one line naming the key, its value and what is allowed (ConfigError, exit 2)."""
+"""params.yaml parsed into typed, frozen objects that pydantic validates.
+
+Parsed once, at the edge; each error is one line naming the key, its value and what is allowed
+(ConfigError, exit 2).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The data set on disk: the four IDX files, their checksums, and the loader into tensors that
-checks them again. torch is imported by `read_idx` alone: `download` uses this module without it.
+"""The data set on disk: the four IDX files, their checksums, and loading them into tensors.
+
+torch is imported by `read_idx` alone: `download` uses this module without it.
 """
 
 from __future__ import annotations
@@ -178,11 +179,4 @@ def load_dataset(root: Path, dataset: str, verify: bool = True) -> Dataset:
             raise PipelineError(f"{where}: {split} has {len(x)} images but {len(y)} labels; {fix}")
         if len(y) and int(y.max()) > 9:
             raise PipelineError(f"{where}: {split} labels outside 0-9; {fix}")
-    return Dataset(
-        name=dataset,
-        train_images=train_x,
-        train_labels=train_y.long(),
-        test_images=test_x,
-        test_labels=test_y.long(),
-        checksum=data_checksum(md5s),
-    )
+    return Dataset(dataset, train_x, train_y.long(), test_x, test_y.long(), data_checksum(md5s))

@@ -1,4 +1,4 @@
-"""Where tensors live: the device choice, CPU threads, and the input every stage feeds a model."""
+"""Where tensors live: the device, CPU threads, and the input every stage feeds a model."""
 
 from __future__ import annotations
 

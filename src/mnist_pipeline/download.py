@@ -126,15 +126,15 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
 
 def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
     """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
-    bar = None
     try:
         stream, length = _open_source(mirror, name + ".gz")
-        if show_bar:
-            bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False)
-        with stream, atomic_path(target) as tmp:
+        bar = tqdm(
+            total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=not show_bar
+        )
+        with stream, bar, atomic_path(target) as tmp:
             digest = hashlib.md5()
             with tmp.open("wb") as out:
-                for chunk in _content(stream, bar.update if bar else lambda n: None):
+                for chunk in _content(stream, bar.update):
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -150,16 +150,12 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar
     except (OSError, http.client.HTTPException) as err:
         # HTTPException: IncompleteRead, a chunked reply cut off
         raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
-    finally:
-        if bar:
-            bar.close()
 
 
 def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
-    """MNIST_MIRROR alone when set (it takes precedence), else the params.yaml mirrors."""
-    if override := os.environ.get(MIRROR_ENV):
-        return (override,)
-    return data.dataset_mirrors
+    """MNIST_MIRROR alone when set, else the params.yaml mirrors."""
+    override = os.environ.get(MIRROR_ENV)
+    return (override,) if override else data.dataset_mirrors
 
 
 def how_to_fix(data: DataConfig) -> str:
@@ -194,7 +190,7 @@ def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -
 
 
 def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[str], None]) -> None:
-    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write
+    for stale in folder.glob(".*.tmp"):  # a process killed mid-write left it
         stale.unlink(missing_ok=True)
     checksums = expected_checksums(data.dataset)
     missing = [n for n in FILES if not _is_valid(folder / n, checksums[n])]

@@ -1,10 +1,10 @@
-"""The export stage: a checkpoint's served form (`models.inference_model`) as ONNX and int8 ONNX.
+"""The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
     mnist-pipeline export --variant mlp_relu_dropout
 
 Writes exports/<variant>/ and metrics/export/<variant>.json (each form's size, the same on every
 host); what a host measures of the forms is `measure`'s, in MLflow only. ONNX is imported inside
-the functions: `record.export` reads QUANTISATION and only an export pays for ONNX.
+the functions: `record.export` reads QUANTISATION, and only an export pays for ONNX.
 """
 
 from __future__ import annotations
@@ -103,18 +103,24 @@ def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str) -> bytes:
 def check_onnx(served: nn.Sequential, fp32: bytes) -> None:
     """The export computes what the checkpoint computes: the same probabilities for seeded random
     images under ONNX Runtime as under torch."""
-    import onnxruntime as ort
-
     x = torch.rand(64, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = served(x).numpy()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
-    session = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    got = ort_runner(fp32)(x.numpy())
     if not np.allclose(got, expected, atol=1e-5):
         worst = float(np.abs(got - expected).max())
         raise PipelineError(f"the ONNX model's probabilities differ from torch's by {worst:.2g}")
+
+
+def ort_runner(model: bytes):
+    """A function that runs a serialised ONNX model on a batch under ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
 
 
 def quantise(fp32: bytes) -> bytes:

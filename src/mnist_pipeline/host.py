@@ -1,7 +1,7 @@
-"""What machine this is and which code it runs: host label, CPU, GPU, library versions, git state.
+"""What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
 
 torch is imported inside the functions that describe a device: `sync`'s no-op path asks for the
-host label alone and must stay light.
+host label alone.
 """
 
 from __future__ import annotations

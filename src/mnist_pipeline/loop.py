@@ -1,9 +1,8 @@
-"""The training loop, run by the train stage and by every search trial: a set-up, then epochs of
-steps, each epoch validated on a seeded split of the training set and reported.
+"""The training loop, shared by the train stage and the search's trials.
 
-The data sits on the training device as float tensors and a batch is an index slice: an epoch
-costs about what a bare loop over those tensors costs (a DataLoader's per-batch collation is what
-this avoids).
+A set-up, then epochs of steps, each epoch validated on a seeded split of the training set and
+reported. The data sits on the device as float tensors and a batch is an index slice: an epoch
+costs about what a bare loop over those tensors costs (a DataLoader would collate every batch).
 """
 
 from __future__ import annotations

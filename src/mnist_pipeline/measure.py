@@ -1,7 +1,8 @@
-"""What a host measures of a checkpoint's three forms (PyTorch on the device, ONNX and int8 under
-ONNX Runtime on the CPU): latency at batch 1, throughput at batch 256, and each ONNX form's test
-accuracy under this host's kernels, whole and one image at a time (int8 scales activations per
-batch). They belong to the host, not the bytes: `sync` records them in MLflow only.
+"""What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
+
+PyTorch on the device, ONNX and int8 under ONNX Runtime on the CPU: latency at batch 1, throughput
+at batch 256, and each ONNX form's test accuracy under this host's kernels, whole and one image at
+a time (int8 scales activations per batch). They belong to the host: MLflow only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from mnist_pipeline import host
+from mnist_pipeline.export import ort_runner
 
 FORMS = ("torch", "onnx", "int8")
 CALLS = {1: 200, 256: 20}  # timed calls per batch size, after WARMUP: well under a second
@@ -32,7 +34,7 @@ def measure(
     figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
     images = x.numpy()
     for form, model in onnx_models.items():
-        run = _ort_runner(model)
+        run = ort_runner(model)
         figures[form] = (_timings(run, images) if latency else {}) | _accuracy(run, images, y)
     return figures
 
@@ -60,14 +62,6 @@ def _torch_runner(served: torch.nn.Module, device) -> Runner:
             return out
 
     return run
-
-
-def _ort_runner(model: bytes) -> Runner:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
 
 
 def _timings(run: Runner, x) -> dict[str, float]:

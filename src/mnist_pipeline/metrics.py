@@ -1,5 +1,4 @@
-"""Classification metrics from predictions: what `evaluate` writes for DVC, and what the record
-derives again from the predictions file it wrote."""
+"""Classification metrics from predictions, for `evaluate`'s DVC files and the MLflow record."""
 
 from __future__ import annotations
 

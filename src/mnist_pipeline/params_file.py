@@ -1,5 +1,7 @@
-"""`tune --apply`: a recipe written back into params.yaml through ruamel.yaml's round trip, as
-DVC's `exp run -S` writes it: comments, layout and every other line stay."""
+"""`tune --apply`: a recipe written back into params.yaml as DVC's `exp run -S` writes it.
+
+Through ruamel.yaml's round trip: comments, layout and every other line stay.
+"""
 
 from __future__ import annotations
 

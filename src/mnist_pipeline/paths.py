@@ -1,4 +1,4 @@
-"""Every path the pipeline reads or writes, every output's file name (dvc.yaml names the same)."""
+"""Every path the pipeline reads or writes and every output's file name, in one place."""
 
 from __future__ import annotations
 

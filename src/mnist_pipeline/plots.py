@@ -1,7 +1,8 @@
-"""Every chart the project draws: the evaluation record's confusion matrix and misclassified
-examples, the report's results and compare's comparison. matplotlib is imported (headless) when a
-chart is drawn, and torch by the one chart that needs it: `report` must not load torch, nor
-`compare` matplotlib without --chart."""
+"""Every chart the project draws: the evaluation's, the report's and compare's.
+
+matplotlib is imported (headless) when a chart is drawn and torch by the one chart that needs it:
+`report` must not load torch, nor `compare` matplotlib without --chart.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The train stage: train one variant, write its checkpoint, per-epoch history (a DVC plot) and
-training metrics (DVC metrics).
+"""The train stage: train one variant, write its checkpoint, history and training metrics.
 
     mnist-pipeline train --variant mlp_relu_dropout                 # the params.yaml recipe
     mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/

@@ -1,7 +1,8 @@
-"""A search's trial: one recipe trained with the project's loop in a Ray worker, each epoch
-reported to Tune and to the trial's MLflow run (a child of the search's run, on the store `tune`
-named in every worker's environment). Ray is imported inside the functions, which run in a
-worker: `tune` imports this module before it starts Ray.
+"""A search's trial: one recipe trained with the project's loop in a Ray worker.
+
+Each epoch is reported to Tune and to the trial's MLflow run (a child of the search's, on the
+store `tune` names in every worker's environment). Ray is imported inside the functions, which
+run in a worker: `tune` imports this module before it starts Ray.
 """
 
 from __future__ import annotations

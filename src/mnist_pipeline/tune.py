@@ -5,9 +5,8 @@
     mnist-pipeline tune --variant ffn1_relu --apply                   # best recipe -> params.yaml
 
 Optuna's TPE proposes recipes from params.yaml's `tune:` space; ASHA stops a trial whose
-validation accuracy falls behind. Each trial (`trial`) trains on whichever node Ray places it and
-writes no DVC output. Ray is imported inside the functions: the flags and params.yaml are checked
-before the seconds it takes to load.
+validation accuracy falls behind. A trial writes no DVC output. Ray is imported inside the
+functions: the flags and params.yaml are checked before the seconds it takes to load.
 """
 
 from __future__ import annotations
@@ -76,10 +75,7 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
         params.data, data.checksum, val_size=params.train.val_size, seed=params.train.seed
     )
     description = _describe(space, options, variant)
-    with (
-        _ray(address, store.uri),
-        record.search_run(store, variant, description, inputs) as parent,
-    ):
+    with _ray(address, store.uri), record.search_run(store, variant, description, inputs) as parent:
         job = TrialJob(
             variant=variant,
             params=params,

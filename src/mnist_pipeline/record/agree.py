@@ -1,13 +1,12 @@
-"""Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs
-(`mnist-pipeline sync`, the last stage of every `dvc repro`).
+"""Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-For each variant's current checkpoint (its MD5 is the runs' `checkpoint.md5` tag), every finished
-run of those bytes, on any host, carries the evaluation read back from the outputs, and this
-host's runs what this host measured of the three forms; a checkpoint no run trained gets a run
-rebuilt from the outputs. Each part tags the run with the digest of the outputs it came from, so
-it is recorded once. A no-op costs well under a second: it compares the outputs' fingerprint with
-the one this host's last sync left, read from a local SQLite store without importing MLflow; the
-recording modules (MLflow, torch) are imported inside the functions, when there is work.
+`mnist-pipeline sync`, the last stage of every `dvc repro`: for each variant's checkpoint (by its
+MD5, the runs' `checkpoint.md5` tag), every finished run of those bytes carries the evaluation
+read back from the outputs, and this host's runs what this host measured; a checkpoint no run
+trained gets a run rebuilt from the outputs. Each part tags the run with the digest of the outputs
+it came from, so it is recorded once. A no-op costs well under a second: the outputs' fingerprint
+is compared with this host's last, read from a local SQLite store without MLflow; the recording
+modules (MLflow, torch) are imported inside the functions, when there is work.
 """
 
 from __future__ import annotations
@@ -72,10 +71,11 @@ def agree(store, training, test=None) -> list[str]:
     wanted = evaluation_digest(outputs)
     stale = [r for r in runs if wanted and r.data.tags.get(evaluation.EVALUATION_TAG) != wanted]
     if stale:
-        with tempfile.TemporaryDirectory() as folder:
-            found = evaluation.read_evaluation(store, training, Path(folder))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            figures = evaluation.read_evaluation(store, training, folder)
             for run in stale:
-                line = evaluation.record_evaluation(store, run, training, found)
+                line = evaluation.record_evaluation(store, run, training, figures, folder)
                 done.append(f"{run.info.run_name}: {line}")
     wanted = measured_digest(outputs)
     mine = [

@@ -1,7 +1,8 @@
-"""The evaluation record and the registry: from the evaluate stage's outputs, a run's test metrics
-(linked to its logged model and the test set), confusion matrix, per-class table and misclassified
-examples; and the checkpoint as a version of `<dataset>-<variant>`, whose alias `champion` moves
-only to a better model (`models:/mnist-mlp512_relu@champion`).
+"""The evaluation record and the registry.
+
+From the evaluate stage's outputs: a run's test metrics (linked to its logged model and the test
+set), confusion matrix, per-class table and misclassified examples; and the checkpoint as a
+version of `<dataset>-<variant>`, whose alias `champion` moves only to a better model.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,17 +29,9 @@ HOSTS_TAG = "hosts"  # a version: every host whose run wrote its checkpoint's by
 DEVICES_TAG = "devices"  # and the devices they trained on
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """One checkpoint's evaluation, read and drawn once for every run of those bytes: the figures
-    (the file's, and what the predictions add) and the folder of artifacts."""
-
-    figures: dict[str, float]
-    artifacts: Path
-
-
-def read_evaluation(store: runs.Store, training: Training, folder: Path) -> Evaluation:
-    """The figures and artifacts of `training`'s evaluation outputs, drawn into `folder`."""
+def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict[str, float]:
+    """The figures of `training`'s evaluation outputs (the file's, and what the predictions add),
+    and its artifacts drawn into `folder`: once for every run of those bytes."""
     outputs = training.outputs
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
@@ -52,21 +44,22 @@ def read_evaluation(store: runs.Store, training: Training, folder: Path) -> Eval
     np.savetxt(folder / "confusion_matrix.csv", cm.numpy(), fmt="%d", delimiter=",")
     plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=training.variant)
     plots.misclassified(images, y, pred, folder / "misclassified.png", title=training.variant)
-    return Evaluation(figures, folder)
+    return figures
 
 
-def record_evaluation(store: runs.Store, run, training: Training, evaluation: Evaluation) -> str:
-    """Into `run`: the test metrics (linked to its logged model and the test set), the artifacts,
-    a registered version. Returns a line saying what was done."""
+def record_evaluation(
+    store: runs.Store, run, training: Training, figures: dict, folder: Path
+) -> str:
+    """Into `run`: the test metrics (linked to its logged model and the test set), the artifacts
+    in `folder`, a registered version. Returns a line saying what was done."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     runs.log_datasets(run_id, {"evaluation": test_set})
     model_id = torch_model_id(run)
     link = {"model_id": model_id, "dataset_name": test_set.name, "dataset_digest": test_set.digest}
-    figures = evaluation.figures
     shown = {k: v for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
     client.log_batch(run_id, metrics=as_metrics(shown, **link))
-    client.log_artifacts(run_id, str(evaluation.artifacts), artifact_path="evaluation")
+    client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
     line = "evaluation recorded"
     if model_id is not None:
         line += "; " + register(client, run, model_id, store.dataset, figures["test/accuracy"])

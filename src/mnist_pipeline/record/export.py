@@ -1,12 +1,10 @@
-"""The export record: what this host measured of a checkpoint's three forms, on this host's run,
-and each ONNX form (fp32, int8) as a child run holding its logged model.
+"""The export record: this host's figures of the three forms, and the ONNX forms as child runs.
 
-MLflow links a logged model's metrics through a run, and a run keeps one value per name: so the
-training run holds the PyTorch form's figures under the shared names (`test/accuracy`, ...) and
-the others' under their own (`int8/test/accuracy`, ...), and each form's child run its figures
-under the shared names, linked to its model: the Models tab lines the forms up in one column.
-ONNX and ONNX Runtime are imported inside the functions that use them: an evaluation-only sync
-does without.
+A run keeps one value per metric name: so the training run holds the PyTorch form's figures under
+the shared names (`test/accuracy`, ...) and the others' under their own (`int8/test/accuracy`),
+and each ONNX form's child run its figures under the shared names, linked to its logged model:
+the Models tab lines the forms up in one column. ONNX and ONNX Runtime are imported inside the
+functions that use them: an evaluation-only sync does without.
 """
 
 from __future__ import annotations

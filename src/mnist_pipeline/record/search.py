@@ -1,6 +1,8 @@
-"""A search's runs: a parent per search and a child per trial, kept apart from the pipeline's (own
-names, `run.kind` search or trial, the variant under `search.variant`: grouping by `variant`
-shows pipeline runs only)."""
+"""A search's runs: a parent per search and a child per trial.
+
+Kept apart from the pipeline's: own names, `run.kind` search or trial, the variant under
+`search.variant` (grouping by `variant` shows pipeline runs only).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The store and the run lifecycle: the experiment made ready, a run started and ended with the
-right status, the tags and description every run carries, and the data as dataset inputs."""
+"""The store and the run lifecycle: experiment, a run's start and end, tags, dataset inputs."""
 
 from __future__ import annotations
 
