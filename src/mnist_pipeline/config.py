@@ -1,7 +1,6 @@
-"""params.yaml parsed into typed, frozen objects that pydantic validates.
+"""params.yaml parsed, once at the edge, into typed frozen objects that pydantic validates.
 
-Parsed once, at the edge; each error is one line naming the key, its value and what is allowed
-(ConfigError, exit 2).
+Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
 """
 
 from __future__ import annotations
@@ -131,8 +130,6 @@ class SearchSpace(_Section):
 
 @dataclass(frozen=True, config=_SECTION)
 class SpaceReplacement(_Section):
-    """`tune.variants.<name>`: any of the search space's keys, for that variant alone."""
-
     lr: LrBounds | None = None
     batch_size: Choices | None = None
     epochs: Choices | None = None
@@ -146,7 +143,7 @@ def _known_variant(name: str) -> str:
 
 @dataclass(frozen=True, config=_SECTION)
 class TuneSection(SearchSpace):
-    """params.yaml's `tune:`: the shared search space, and per-variant replacements of its keys."""
+    """The shared search space, and per-variant replacements of its keys (SpaceReplacement)."""
 
     variants: Annotated[
         dict[Annotated[str, AfterValidator(_known_variant)], SpaceReplacement], _EMPTY_IF_NONE
