@@ -244,7 +244,6 @@ def _same_bytes(table: pd.DataFrame, group: str, first: str) -> pd.Series:
 
 
 def _shown(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as printed: short column labels, percentages and thousands separators."""
     shown = table.copy().astype(object)
     labels = {metric: (label, fmt) for metric, label, fmt in COLUMNS}
     for column in table.columns:

@@ -74,7 +74,6 @@ def data_checksum(md5s: dict[str, str]) -> str:
 
 
 def shown_path(path: Path, root: Path) -> str:
-    """`path` relative to the project root when inside it, as a user reads it in a message."""
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
@@ -100,7 +99,6 @@ def _parse_header(header: bytes, name: str) -> tuple[int, ...]:
 
 
 def _check_size(dims: tuple[int, ...], size: int, name: str) -> None:
-    """The file holds exactly the header and the items its dimensions promise."""
     expected = math.prod(dims)  # exact: numpy's int64 product can overflow on a garbage header
     held = size - (4 + 4 * len(dims))
     if held != expected:

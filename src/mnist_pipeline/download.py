@@ -153,7 +153,6 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar
 
 
 def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
-    """MNIST_MIRROR alone when set, else the params.yaml mirrors."""
     override = os.environ.get(MIRROR_ENV)
     return (override,) if override else data.dataset_mirrors
 

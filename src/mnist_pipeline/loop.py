@@ -53,8 +53,6 @@ class SetUp:
 
 @dataclass(frozen=True)
 class Fit:
-    """The per-epoch history, and the epoch kept with its weights."""
-
     history: list[dict[str, float]]
     kept_epoch: int
     kept_state: dict[str, torch.Tensor]
@@ -88,7 +86,6 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def set_up(variant: str, recipe: Recipe, settings: TrainConfig, data: Dataset, device) -> SetUp:
-    """Everything a training of `variant` starts from."""
     train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
     set_cpu_threads(device, recipe.batch_size)
     torch.manual_seed(settings.seed)

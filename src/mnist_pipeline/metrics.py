@@ -62,6 +62,5 @@ def predictions_csv(y: torch.Tensor, pred: torch.Tensor) -> str:
 
 
 def read_predictions(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(actual, predicted) from a predictions CSV."""
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return torch.from_numpy(table[:, 0].copy()), torch.from_numpy(table[:, 1].copy())

@@ -125,7 +125,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def summary_text(model: nn.Module) -> str:
-    """torchsummary's table for `model` (on CPU), as text."""
     from torchsummary import summary
 
     buffer = io.StringIO()

@@ -1,8 +1,8 @@
 """Where runs go and whether that store can be used.
 
 The tracking URI and experiment, the checks that the store answers and accepts this account, and
-the one client this package reaches it with. MLflow is imported inside the functions: `sync`'s
-no-op path runs without it.
+the client the recording uses. MLflow is imported inside the functions: `sync`'s no-op path runs
+without it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ class TrialJob:
 
 
 def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
-    """The variant's recipe with a trial's lr, batch size and epochs."""
     return dataclasses.replace(
         params.recipe(variant),
         lr=float(config["lr"]),

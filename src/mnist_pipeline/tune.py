@@ -134,7 +134,6 @@ def _asha(space: SearchSpace) -> dict[str, int]:
 
 
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
-    """The search's parameters, as its parent run logs them."""
     scheduler = "none (every trial runs all its epochs)"
     if options.early_stopping:
         asha = ", ".join(f"{k}={v}" for k, v in _asha(space).items())

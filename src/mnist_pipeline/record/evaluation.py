@@ -175,7 +175,6 @@ def _description(tags: dict, accuracy: float, hosts: list[str]) -> str:
 
 
 def _champion(client, name: str):
-    """The champion version and its test accuracy, or (None, -1)."""
     try:
         champion = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:

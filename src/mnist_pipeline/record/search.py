@@ -91,7 +91,6 @@ def log_best_model(parent_run_id: str, model, recipe: dict) -> str:
 
 
 def end_search(run_id: str, counts: dict[str, int], *, best: dict | None, accuracy=None) -> None:
-    """The search's outcome on its parent run: trial counts, the best recipe and accuracy."""
     figures = {f"trials/{k}": v for k, v in counts.items()}
     if accuracy is not None:
         figures["best/val_accuracy"] = accuracy
