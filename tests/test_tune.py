@@ -26,9 +26,10 @@ import yaml
 
 from mnist_pipeline.cli import main
 from mnist_pipeline.compare import compare
-from mnist_pipeline.config import apply_recipe, load_params
+from mnist_pipeline.config import load_params
 from mnist_pipeline.dataset import FILES, file_md5
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.params_file import apply_recipe
 from tests.conftest import REPO, committed_params_text, write_tiny_dataset
 from tests.helpers import free_port
 

@@ -1,9 +1,8 @@
-"""The checkpoint format, in one place: save, load, and refuse what is not ours.
+"""The checkpoint format: save, load, and refuse what is not ours.
 
-A checkpoint holds the weights of the kept epoch and what rebuilds the model (variant, recipe,
-data set), and nothing that differs between two runs of the same recipe: the same code, data,
-params and seed give the same bytes, so DVC re-runs nothing downstream of an identical retrain.
-The MLflow run that trained it is found by the file's MD5 (`checkpoint.md5` tag), not written in.
+A checkpoint holds the kept epoch's weights and what rebuilds the model (variant, recipe, data
+set), and nothing that differs between two runs of one recipe: an identical retrain gives the
+same bytes, and DVC re-runs nothing downstream. Its MLflow run finds it by MD5, not written in.
 """
 
 from __future__ import annotations
@@ -31,18 +30,16 @@ FORMAT = "mnist-pipeline/checkpoint/2"
 def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: Any) -> None:
     """Weights + what rebuilds the model; only tensors and plain values (weights_only loads it)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # Plain values made afresh from their JSON: pickle writes a value met twice as a reference to
-    # the first, so equal values held by one object or by two (a flag equal to params.yaml's)
-    # would otherwise give different bytes.
+    # Plain values made afresh from JSON: pickle writes a value met twice as a reference, so equal
+    # values held by one object or by two (a flag equal to params.yaml's) gave different bytes.
     meta = json.loads(
         json.dumps({"variant": variant, "recipe": dataclasses.asdict(recipe), **extra})
     )
     payload = {"format": FORMAT, **meta, "state_dict": state}
 
     def write(tmp: Path) -> None:
-        # Serialised in memory (a few MB), written by Python: a full disk is then an OSError,
-        # which write_atomic reports (torch's own writer says "unexpected pos"). fsync before
-        # the rename: the new checkpoint is on disk before it replaces the old one.
+        # Serialised in memory, written by Python: a full disk is an OSError write_atomic reports
+        # (torch's writer says "unexpected pos"); fsync: on disk before it replaces the old one.
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         with tmp.open("wb") as f:
@@ -54,9 +51,8 @@ def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: An
 
 
 def load(path: Path, variant: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild the model (in eval mode) from a checkpoint this pipeline wrote. Loaded with
-    weights_only=True: a file that is not ours, or was tampered with to carry code, is refused,
-    never executed."""
+    """The model (in eval mode) and the payload of a checkpoint this pipeline wrote. weights_only:
+    a file that is not ours, or carries code, is refused, never executed."""
     if not path.is_file():
         name = variant or "<variant>"
         raise PipelineError(

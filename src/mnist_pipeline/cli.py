@@ -1,5 +1,4 @@
-"""`mnist-pipeline`: the command line, one subcommand per pipeline stage (dvc.yaml and MLproject
-call these), parsed here and run by `commands` (DVC's split: `dvc/commands/` over `dvc/repo/`).
+"""The `mnist-pipeline` command line: one subcommand per stage, parsed here, run by `commands`.
 
     mnist-pipeline download
     mnist-pipeline train --variant ffn1_relu                  # the params.yaml recipe (DVC's)
@@ -11,8 +10,7 @@ call these), parsed here and run by `commands` (DVC's split: `dvc/commands/` ove
     mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--exp NAME] [--csv out.csv]
     mnist-pipeline tune --variant ffn1_relu --samples 16 [--address HOST:PORT] [--apply]
 
-A user mistake ends with one line on stderr and a non-zero exit (2: bad input, 1: failure),
-never a traceback.
+A user mistake ends with one line on stderr and exit code 2 (bad input) or 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def _names(text: str) -> list[str]:
 
 VARIANT = ("--variant", {"required": True})
 SWITCH = {"action": argparse.BooleanOptionalAction, "default": None}
-# Each command: its help, and its options as (flag, argparse keywords). An option's name is the
-# keyword `commands.<command>` takes.
+# command -> (help, [(flag, argparse keywords)]); each option names a keyword of commands.<command>
 COMMANDS = {
     "download": ("fetch and verify the data set chosen in params.yaml", []),
     "train": (
@@ -113,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load params.yaml, then `commands.<command>(params, root, **options)`."""
     root = project_root()
     params_file = args.params or root / PARAMS_FILE
     params = load_params(params_file)
@@ -125,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _environment_error(err: BaseException) -> str | None:
-    """One line for a failure of the machine or a service rather than of this code: an OSError
-    (disk full, permission denied) or an MLflow error (the tracking store). None for anything
-    else: a bug, which keeps its traceback."""
+    """One line for a failure of the machine (OSError) or the tracking store (MLflow); None for
+    anything else: a bug, which keeps its traceback."""
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"
@@ -138,8 +133,8 @@ def _environment_error(err: BaseException) -> str | None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record is emitted, not when main() first ran
-    (logging.basicConfig configures once per process; in-process callers swap sys.stderr)."""
+    """Writes to sys.stderr as it is at each record: basicConfig runs once per process, and
+    in-process callers (the tests) swap sys.stderr."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -154,15 +149,10 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def entry() -> None:
-    """The `mnist-pipeline` command (and `python -m mnist_pipeline`): `main()`, then a quick exit.
-
-    A stage process has imported torch, MLflow, SQLAlchemy and pandas (ONNX too for export):
-    about half a million Python objects. The interpreter's own shutdown frees them one by one,
-    1.3 s to 3.4 s per stage on a 2-core machine (benchmarks/README.md), with nothing left to
-    save. So once `main()` has returned, and no non-daemon thread is still working, the exit
-    handlers run (MLflow's included), the streams are flushed, and the process ends there.
-    An uncaught exception (a bug) takes the normal exit and keeps its traceback.
-    """
+    """`main()`, then a quick exit: the interpreter's own shutdown frees a stage's half a million
+    objects one by one, 1.3 s to 3.4 s on 2 cores (benchmarks/README.md). So, unless a non-daemon
+    thread still works, the exit handlers run (MLflow's too), the streams are flushed, and the
+    process ends. An uncaught exception (a bug) takes the normal exit, with its traceback."""
     code = main()
     if any(
         t.is_alive() and not t.daemon
@@ -173,8 +163,7 @@ def entry() -> None:
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        # a closed pipe (`| head`): nothing more can be written
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`)
             stream.flush()
     os._exit(code)
 
@@ -203,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; nothing was saved")
         return 130
+    except signals.Terminated:
+        say("terminated; nothing was saved")
+        return 143
     except BaseException as err:
-        if isinstance(err, signals.Terminated):
-            say("terminated; nothing was saved")
-            return 143
         line = _environment_error(err)
         if line is None:
             raise

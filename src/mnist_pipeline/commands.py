@@ -1,15 +1,10 @@
-"""What each `mnist-pipeline` command does, below the command line: a stage's computation (the
-stage module, which writes the outputs DVC tracks), then its record in MLflow (`record`).
+"""Each command below the command line: run the stage, then record it in MLflow.
 
-Neither this module nor `cli.py` is a dependency of a stage in dvc.yaml: they decide which
-computation runs and when it is recorded, not what it writes, so editing them retrains nothing.
-Each command imports only its own stage (a stage module imports torch, MLflow or ONNX: a command
-pays for what it uses), and only the recording it makes.
-
-The pipeline's outputs are recorded by `sync`, dvc.yaml's last stage, for every variant in one
-process: `train` records its live run (the epochs as they end, system metrics, timings, the
-model), `evaluate` and `export` compute only. A one-off training (a recipe other than
-params.yaml's, outside DVC) is recorded by its own commands.
+A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run,
+a one-off's at once, the pipeline's other outputs in `sync`, dvc.yaml's last stage. Neither this
+module nor `cli.py` is a stage's dependency: they choose what runs, not what it writes. Each
+command imports its stage and recording inside its function: they load torch, MLflow or ONNX,
+and a command pays only for what it uses.
 """
 
 from __future__ import annotations
@@ -19,6 +14,8 @@ from pathlib import Path
 from mnist_pipeline import paths, signals
 from mnist_pipeline.config import Params, check_variant, with_overrides
 from mnist_pipeline.errors import ConfigError, PipelineError
+from mnist_pipeline.models import count_parameters
+from mnist_pipeline.params_file import apply_recipe
 
 SYNC_HINT = "MLflow records it at the end of `dvc repro` (or `mnist-pipeline sync`)"
 
@@ -30,12 +27,11 @@ def download(params: Params, root: Path) -> None:
 
 
 def train(params: Params, root: Path, variant: str, **overrides) -> str:
-    """Train `variant` (its params.yaml recipe, with `overrides`: a one-off when they change it)
-    in a live MLflow run; the run's id. Ctrl-C and SIGTERM end the run KILLED between two steps
-    and save nothing; once saving has begun, a signal waits for the record to be complete."""
+    """Train `variant` (its recipe with `overrides`: a one-off when they change it) in a live
+    MLflow run; the run's id. A signal ends the run KILLED between two steps, saving nothing;
+    once saving has begun, it waits for the record to be complete."""
     from mnist_pipeline import train as stage
     from mnist_pipeline.device import resolve_device
-    from mnist_pipeline.models import count_parameters
     from mnist_pipeline.record import store as runs
     from mnist_pipeline.record import training as record
 
@@ -125,38 +121,19 @@ def sync(params: Params, root: Path, verify: bool = False) -> None:
     sync(params, root, verify=verify)
 
 
-def compare(
-    params: Params,
-    root: Path,
-    *,
-    exp=None,
-    all_runs=False,
-    csv=None,
-    markdown=None,
-    chart=None,
-    **options,
-) -> None:
+def compare(params: Params, root: Path, *, exp, all_runs, csv, markdown, chart, **options) -> None:
     """`options`: experiment, variants, hosts, one_off (`compare.compare`'s)."""
     from mnist_pipeline.compare import compare
 
-    for variant in options.get("variants") or ():
-        check_variant(variant)
     paths_out = {"csv_path": csv, "markdown_path": markdown, "chart_path": chart}
     compare(params, root, dvc_exp=exp, latest_only=not all_runs, **paths_out, **options)
 
 
 def tune(
-    params: Params,
-    root: Path,
-    variant: str,
-    *,
-    apply: bool,
-    params_file: Path,
-    no_early_stopping: bool,
-    **options,
+    params: Params, root: Path, variant: str, *, apply: bool, params_file: Path, **options
 ) -> None:
-    """Search `variant`'s recipe (`options`: `tune.TuneOptions`'s); with `apply`, write the best
-    into `params_file`."""
+    """Search `variant`'s recipe (`options`: `tune.TuneOptions`'s, less early_stopping); with
+    `apply`, write the best into `params_file`."""
     from mnist_pipeline.tune import TuneOptions, tune
 
     for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():
@@ -166,10 +143,7 @@ def tune(
     if options["cpus_per_trial"] <= 0 or options["gpus_per_trial"] < 0:
         raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
     params.search_space(check_variant(variant))  # a bad or missing tune: section, before Ray
-    found = tune(
-        params, variant, root, TuneOptions(**options, early_stopping=not no_early_stopping)
-    )
+    early_stopping = not options.pop("no_early_stopping")
+    found = tune(params, variant, root, TuneOptions(**options, early_stopping=early_stopping))
     if apply:
-        from mnist_pipeline.config import apply_recipe
-
         apply_recipe(params_file, variant, found.best_recipe)

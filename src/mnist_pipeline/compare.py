@@ -1,42 +1,30 @@
-"""`mnist-pipeline compare`: the tracking store as one table, variants × host/device.
+"""Compare: the tracking store as one table, variants × host/device.
 
     mnist-pipeline compare                                  # latest run per variant, host, device
     mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
     mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
     mnist-pipeline compare --exp bulky-pita         # a DVC experiment beside its baseline
-    MLFLOW_TRACKING_URI=http://mlflow.internal:5000 mnist-pipeline compare
 
-One row per variant, one column group per `host · device` (the `host` and `device` tags `train`
-sets; MNIST_PIPELINE_HOST names the host), answering "the same model? how much faster?":
-
-- `bytes`: whether the run's checkpoint has the bytes of the first group's (`same`), or else how
-  far its test accuracy is from that one's (`+0.12 pt`): one CPU kind reproduces the bytes,
-  another CPU kind or a GPU gives close but different weights;
-- test accuracy, seconds per epoch and training images per second (medians over the epochs: the
-  first pays for warm-up);
-- inference latency at batch 1 of each form (the PyTorch model on the run's device, ONNX and int8
-  under ONNX Runtime on the CPU) and the int8 model's accuracy, as that host measured them.
-
-Only finished training runs of the params.yaml recipes count (`--one-off` adds one-off runs);
-`mlflow run`'s parent runs, a search's runs and the forms' child runs (no `variant` tag) are left
-out; a run rebuilt from the pipeline's outputs (`mnist-pipeline sync`: no timings) shows as
-device `rebuilt`.
+Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
+else the accuracy difference), test accuracy, training speed, and each form's measured figures.
+Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
+by `sync` shows as device `rebuilt`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import pandas as pd
 
 from mnist_pipeline import plots, tracking
 from mnist_pipeline.config import Params, check_variant
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
 from mnist_pipeline.models import VARIANTS
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 # (metric, label in the printed table, how the printed table shows it)
 COLUMNS = (
@@ -49,6 +37,17 @@ COLUMNS = (
     ("int8/test/accuracy", "int8 acc", lambda v: f"{v:.2%}"),
 )
 BYTES = "bytes"  # the column that says whether a group's checkpoint is the first group's
+TAGS = {  # run tag -> column
+    "variant": "variant",
+    "host": "host",
+    "device": "device",
+    "run.kind": "kind",
+    "checkpoint.md5": "checkpoint",
+    "record.source": "source",
+    "dvc.exp.name": "exp",
+    "dvc.exp.baseline": "baseline",
+    "git.commit": "commit",
+}
 
 
 def compare(
@@ -65,12 +64,9 @@ def compare(
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Print (and write, when asked) the comparison table; return it, numbers unformatted.
-
-    Columns are a MultiIndex (`host · device`, metric name); rows are variants, or (variant,
-    run) pairs with `latest_only=False`, run 1 being the latest. With `dvc_exp`, the columns are
-    that DVC experiment's runs and its baseline commit's, per host.
-    """
+    """Print (and write where asked) the table; return it, numbers unformatted. Columns: (`host ·
+    device`, metric); rows: variants, or (variant, run) with `latest_only=False` (1: the latest).
+    With `dvc_exp`, the groups are that experiment's runs and its baseline commit's, per host."""
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)
@@ -89,14 +85,18 @@ def compare(
     if runs.empty:
         raise PipelineError(f"{where} holds only one-off runs ({skipped}); add --one-off")
     table = pivot(runs, latest_only)
-
     kind = "latest run" if latest_only else "every run (1 = latest)"
     print(f"{name} at {uri}: {kind} per variant and host · device")
     print(_shown(table).to_string())
     if skipped and not one_off:
         print(f"({skipped} one-off run{'s' * (skipped > 1)} left out: add --one-off to include)")
     title = f"{name}: {kind} per variant and host · device"
-    _write(table, title, csv_path=csv_path, markdown_path=markdown_path, chart_path=chart_path)
+    asked = ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart))
+    for path, write in asked:
+        if path:
+            write(table, title, path)
+    for path in (path for path, _ in asked if path):
+        print(f"wrote {path}")
     return table
 
 
@@ -113,10 +113,8 @@ def _keep(runs: pd.DataFrame, column: str, wanted, where: str, missing: str) -> 
 
 
 def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
-    """The runs of DVC experiment `name` and the runs of its baseline commit (the pipeline's,
-    outside any experiment), each group labelled by what it is and its host."""
-    import pandas as pd
-
+    """DVC experiment `name`'s runs and its baseline commit's (outside any experiment), each
+    group labelled by what it is and its host."""
     ours = runs[runs["exp"] == name]
     if ours.empty:
         present = ", ".join(sorted(runs["exp"].dropna().unique())) or "none"
@@ -133,34 +131,27 @@ def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
     return pd.concat(labelled, ignore_index=True)
 
 
-def _write(table: pd.DataFrame, title: str, **targets: Path | None) -> None:
-    """The table as CSV, Markdown and a chart, each where asked."""
-    written = []
-    if path := targets["csv_path"]:
-        flat = table.copy()
-        flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
-        write_text_atomic(path, flat.to_csv())
-        written.append(path)
-    if path := targets["markdown_path"]:
-        shown = _shown(table)
-        shown.columns = [f"{group}: {label}" for group, label in shown.columns]
-        shown = shown.reset_index()
-        align = ["left" if c == "variant" else "right" for c in shown.columns]
-        text = shown.to_markdown(index=False, colalign=align)
-        write_text_atomic(path, f"# {title}\n\n{text}\n")
-        written.append(path)
-    if path := targets["chart_path"]:
-        latest = table if "run" not in table.index.names else table.xs(1, level="run")
-        write_atomic(path, lambda tmp: plots.comparison(latest, tmp, title.split(":")[0]))
-        written.append(path)
-    for path in written:
-        print(f"wrote {path}")
+def _csv(table: pd.DataFrame, title: str, path: Path) -> None:
+    flat = table.copy()
+    flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
+    write_text_atomic(path, flat.to_csv())
+
+
+def _markdown(table: pd.DataFrame, title: str, path: Path) -> None:
+    shown = _shown(table)
+    shown.columns = [f"{group}: {label}" for group, label in shown.columns]
+    shown = shown.reset_index()
+    align = ["left" if c == "variant" else "right" for c in shown.columns]
+    write_text_atomic(path, f"# {title}\n\n{shown.to_markdown(index=False, colalign=align)}\n")
+
+
+def _chart(table: pd.DataFrame, title: str, path: Path) -> None:
+    latest = table if "run" not in table.index.names else table.xs(1, level="run")
+    write_atomic(path, lambda tmp: plots.comparison(latest, tmp, title.split(":")[0]))
 
 
 def _check_store_exists(uri: str) -> None:
     """A local store that is not there is a user mistake; opening it would create it, empty."""
-    from urllib.parse import unquote, urlparse
-
     if uri.startswith("sqlite:///"):
         path = Path(unquote(uri[len("sqlite:///") :]))
     elif uri.startswith("file:"):
@@ -177,11 +168,8 @@ def _check_store_exists(uri: str) -> None:
 
 
 def training_runs(uri: str, experiment: str) -> pd.DataFrame:
-    """The experiment's finished training runs: one row each, newest first, with the columns
-    run_id, start_time, variant, host, device and test/accuracy (NaN where not evaluated)."""
-    import mlflow
-    import pandas as pd
-
+    """The experiment's finished training runs, newest first: run_id, start_time, the TAGS'
+    columns and the COLUMNS' metrics (NaN where missing)."""
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage != "active":
@@ -195,23 +183,10 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
         filter_string="attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
-    columns = {
-        "run_id": "run_id",
-        "start_time": "start_time",
-        "tags.variant": "variant",
-        "tags.host": "host",
-        "tags.device": "device",
-        "tags.run.kind": "kind",
-        "tags.checkpoint.md5": "checkpoint",
-        "tags.record.source": "source",
-        "tags.dvc.exp.name": "exp",
-        "tags.dvc.exp.baseline": "baseline",
-        "tags.git.commit": "commit",
-        **{f"metrics.{metric}": metric for metric, _, _ in COLUMNS},
-    }
-    runs = pd.DataFrame(
-        {new: raw.get(old, pd.Series(index=raw.index)) for old, new in columns.items()}
-    )
+    columns = {"run_id": "run_id", "start_time": "start_time"}
+    columns |= {f"tags.{tag}": column for tag, column in TAGS.items()}
+    columns |= {f"metrics.{metric}": metric for metric, _, _ in COLUMNS}
+    runs = raw.rename(columns=columns).reindex(columns=list(columns.values()))
     # A search's runs, a form's child runs and `mlflow run`'s parent carry no `variant` tag.
     runs = runs[runs["variant"].notna()]
     if runs.empty:
@@ -222,15 +197,12 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
     for metric, _, _ in COLUMNS:
         runs[metric] = runs[metric].astype(float)
     runs = runs.fillna({"host": "unknown", "device": "unknown", "kind": "pipeline"})
-    # A run rebuilt from the outputs has no timings and no device: say so in its column.
-    runs.loc[runs["source"] == "outputs", "device"] = "rebuilt"
+    runs.loc[runs["source"] == "outputs", "device"] = "rebuilt"  # no timings, no device
     return runs.reset_index(drop=True)
 
 
 def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     """Rows: variants in the order of models.VARIANTS; columns: (`host · device`, metric)."""
-    import pandas as pd
-
     runs = runs.sort_values("start_time", ascending=False).assign(
         group=runs["host"] + " · " + runs["device"]
     )
@@ -251,8 +223,7 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     table.columns.names = ["host · device", "metric"]
     # The registry's order; a variant it does not know (a newer checkout's) goes last.
     order = {name: i for i, name in enumerate(VARIANTS)}
-    table = table.sort_index()
-    return table.sort_index(
+    return table.sort_index().sort_index(
         key=lambda level: level.map(
             lambda v: order.get(v, len(order)) if isinstance(v, str) else v
         ),
@@ -260,37 +231,27 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     )
 
 
-def _same_bytes(table: pd.DataFrame, group: str, first: str):
-    """Per row: `same` where `group`'s checkpoint has the bytes of `first`'s (the reference
-    group: `first` itself reads `same`), else its test accuracy less `first`'s, in points."""
-    import pandas as pd
-
+def _same_bytes(table: pd.DataFrame, group: str, first: str) -> pd.Series:
+    """Per row: `same` where `group`'s checkpoint has `first`'s bytes, else its test accuracy
+    less `first`'s, in points."""
     mine, theirs = table[(group, "checkpoint")], table[(first, "checkpoint")]
     delta = (table[(group, "test/accuracy")] - table[(first, "test/accuracy")]) * 100
-    return pd.Series(
-        [
-            "" if pd.isna(a) or pd.isna(b) else "same" if a == b else f"{d:+.2f} pt"
-            for a, b, d in zip(mine, theirs, delta, strict=True)
-        ],
-        index=table.index,
-        dtype=object,
-    )
+    shown = [
+        "" if pd.isna(a) or pd.isna(b) else "same" if a == b else f"{d:+.2f} pt"
+        for a, b, d in zip(mine, theirs, delta, strict=True)
+    ]
+    return pd.Series(shown, index=table.index, dtype=object)
 
 
 def _shown(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as printed: short column labels, percentages and thousands separators."""
-    import pandas as pd
-
     shown = table.copy().astype(object)
     labels = {metric: (label, fmt) for metric, label, fmt in COLUMNS}
-    labels[BYTES] = (BYTES, str)
     for column in table.columns:
-        if column[1] == BYTES:
-            continue
-        fmt = labels[column[1]][1]
-        shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
+        if column[1] != BYTES:
+            fmt = labels[column[1]][1]
+            shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
+    labels[BYTES] = (BYTES, str)
     shown.columns = pd.MultiIndex.from_tuples(
-        [(group, labels[metric][0]) for group, metric in table.columns],
-        names=table.columns.names,
+        [(group, labels[metric][0]) for group, metric in table.columns], names=table.columns.names
     )
     return shown

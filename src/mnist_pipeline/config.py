@@ -1,17 +1,15 @@
-"""params.yaml, parsed once at the edge into typed, frozen objects that pydantic validates.
+"""params.yaml parsed, once at the edge, into typed frozen objects that pydantic validates.
 
-Every error names the offending key, its value and what is allowed, as one line (ConfigError,
-exit 2). `apply_recipe` writes a recipe back with ruamel.yaml, as DVC's `exp run -S` does.
+Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, get_args
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -28,16 +26,10 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML, YAMLError
 
-from mnist_pipeline.errors import ConfigError, PipelineError
-from mnist_pipeline.fileio import write_text_atomic
+from mnist_pipeline.errors import ConfigError
 from mnist_pipeline.models import VARIANTS
 
 Dataset = Literal["mnist", "fashion-mnist"]
-Optimizer = Literal["sgd", "adam"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
-Keep = Literal["best", "last"]
-DATASETS, OPTIMIZERS, DEVICES, KEEP = (get_args(t) for t in (Dataset, Optimizer, Device, Keep))
-
 # strict: YAML's `epochs: "5"` or `lr: yes` is a mistake, not something to coerce
 Count = Annotated[int, Field(strict=True, ge=1)]
 NonNegative = Annotated[int, Field(strict=True, ge=0)]
@@ -45,8 +37,7 @@ PositiveFloat = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 Choices = Annotated[
     tuple[Count, ...], Field(min_length=1), AfterValidator(lambda v: tuple(sorted(set(v))))
 ]
-# A lone string is a one-mirror list.
-Mirrors = Annotated[
+Mirrors = Annotated[  # a lone string is a one-mirror list
     tuple[Annotated[str, Field(min_length=1)], ...],
     Field(min_length=1),
     BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
@@ -65,8 +56,6 @@ def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
 
 @dataclass(frozen=True, config=_SECTION)
 class _Section:
-    """A mapping in params.yaml: no keys but its fields."""
-
     @model_validator(mode="before")
     @classmethod
     def _only_fields(cls, data: Any) -> Any:
@@ -86,19 +75,15 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True, config=_SECTION)
 class TrainConfig(_Section):
-    """Settings shared by every variant's training."""
-
     seed: NonNegative
-    device: Device
+    device: Literal["auto", "cpu", "cuda", "mps"]
     val_size: NonNegative
-    keep: Keep = "best"  # which epoch's weights become the checkpoint: best validation, or last
+    keep: Literal["best", "last"] = "best"  # the checkpoint's epoch: best validation, or last
 
 
 @dataclass(frozen=True, config=_SECTION)
 class Recipe(_Section):
-    """One variant's training recipe (and its one model switch)."""
-
-    optimizer: Optimizer
+    optimizer: Literal["sgd", "adam"]
     lr: PositiveFloat
     batch_size: Count
     epochs: Count
@@ -135,9 +120,8 @@ LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_
 
 @dataclass(frozen=True, config=_SECTION)
 class SearchSpace(_Section):
-    """What `mnist-pipeline tune` searches over for one variant: the learning rate log-uniformly
-    between two bounds, the batch size and the epoch count among choices. The rest of the recipe
-    (optimizer, shuffle, dropout) is the variant's own."""
+    """What `tune` searches for one variant: lr log-uniformly between its bounds, batch size and
+    epochs among choices; the rest of the recipe is the variant's own."""
 
     lr: LrBounds
     batch_size: Choices
@@ -146,8 +130,6 @@ class SearchSpace(_Section):
 
 @dataclass(frozen=True, config=_SECTION)
 class SpaceReplacement(_Section):
-    """`tune.variants.<name>`: any of the search space's keys, for that variant alone."""
-
     lr: LrBounds | None = None
     batch_size: Choices | None = None
     epochs: Choices | None = None
@@ -161,21 +143,16 @@ def _known_variant(name: str) -> str:
 
 @dataclass(frozen=True, config=_SECTION)
 class TuneSection(SearchSpace):
-    """params.yaml's `tune:` section: the shared search space (its own lr, batch_size, epochs),
-    and per-variant replacements of any of its keys."""
+    """The shared search space, and per-variant replacements of its keys (SpaceReplacement)."""
 
     variants: Annotated[
         dict[Annotated[str, AfterValidator(_known_variant)], SpaceReplacement], _EMPTY_IF_NONE
     ] = Field(default_factory=dict)
 
-    @property
-    def shared(self) -> SearchSpace:
-        return SearchSpace(self.lr, self.batch_size, self.epochs)
-
     def space(self, variant: str) -> SearchSpace:
         own = self.variants.get(variant, SpaceReplacement())
         replaced = {k: v for k, v in dataclasses.asdict(own).items() if v is not None}
-        return dataclasses.replace(self.shared, **replaced)
+        return dataclasses.replace(SearchSpace(self.lr, self.batch_size, self.epochs), **replaced)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -232,8 +209,6 @@ def check_variant(name: str) -> str:
     return name
 
 
-# --- pydantic's first error, as this project's one line --------------------------------------
-
 _SAYS = {  # pydantic's error type -> what is allowed, in params.yaml's words
     "dataclass_type": "expected a mapping of keys to values, got {value!r}",
     "dict_type": "expected a mapping of keys to values, got {value!r}",
@@ -281,21 +256,9 @@ def parse_params(raw: Any) -> Params:
         raise ConfigError(_one_line(err.errors()[0])) from None
 
 
-def read_params_file(path: Path) -> dict[str, Any]:
-    """The raw mapping in params.yaml, with one-line errors for a missing or malformed file.
-
-    Read as DVC reads it (ruamel.yaml, YAML 1.2): the `1e-05` that `dvc exp run -S lr=1e-5`
-    writes is a number, as `dvc params diff` shows it, where PyYAML (YAML 1.1) reads a string."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: not found; run from the project folder or set MNIST_PIPELINE_ROOT"
-        ) from None
-    return _safe_load(text, path)
-
-
-def _safe_load(text: str, path: Path) -> Any:
+def safe_load(text: str, path: Path) -> Any:
+    """YAML as DVC reads it (ruamel.yaml, YAML 1.2: the `1e-05` that `dvc exp run -S lr=1e-5`
+    writes is a number, where PyYAML's YAML 1.1 reads a string)."""
     try:
         return YAML(typ="safe").load(text)
     except YAMLError as err:  # its own message spans several lines
@@ -306,9 +269,14 @@ def _safe_load(text: str, path: Path) -> Any:
 
 
 def load_params(path: Path) -> Params:
-    raw = read_params_file(path)
     try:
-        return parse_params(raw)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: not found; run from the project folder or set MNIST_PIPELINE_ROOT"
+        ) from None
+    try:
+        return parse_params(safe_load(text, path))
     except ConfigError as err:
         raise ConfigError(f"{path.name}: {err}") from None
 
@@ -320,46 +288,12 @@ def with_overrides(params: Params, variant: str, **overrides: Any) -> Params:
     for name, value in overrides.items():
         if value is None:
             continue
-        if name in recipe:
-            recipe[name] = value
-        elif name in train:
-            train[name] = value
-        else:
+        if name not in recipe and name not in train:
             raise ValueError(f"no such setting: {name}")
+        (recipe if name in recipe else train)[name] = value
     if not VARIANTS[variant].dropout and overrides.get("use_dropout") is None:
         recipe.pop("use_dropout")  # (a --use-dropout flag stays, and is refused as a key)
     # The untouched sections go in as they are (validated already); errors name params.yaml's keys.
     variants = {**params.variants, variant: recipe}
     fields = {"data": params.data, "train": train, "variants": variants, "tune": params.tune}
     return parse_params(fields)
-
-
-# --- tune --apply: the search's recipe back into params.yaml ---------------------------------
-
-
-def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
-    """Write `recipe`'s lr (4 significant digits), batch size and epochs into params.yaml's
-    `variants.<variant>`, through ruamel.yaml's round trip: every comment and every other line
-    stays; then `dvc repro` trains it as the pipeline's recipe, and `dvc exp show`/`dvc params
-    diff` show the change. The edited file must parse to exactly the intended recipe before it
-    replaces the old one."""
-    # ruamel.yaml's round trip, set as DVC sets it (dvc/utils/serialize/_yaml.py): params.yaml's
-    # layout is the one both `dvc exp run -S` and `tune --apply` write back unchanged
-    rt = YAML()
-    rt.default_flow_style = False
-    document = rt.load(path.read_text(encoding="utf-8"))
-    entry = (document.get("variants") or {}).get(variant)
-    if not isinstance(entry, Mapping):
-        raise PipelineError(f"{path.name}: variants.{variant} not found; add its recipe first")
-    lr = float(f"{recipe.lr:.4g}")
-    entry["lr"], entry["batch_size"], entry["epochs"] = lr, recipe.batch_size, recipe.epochs
-    stream = io.StringIO()
-    rt.dump(document, stream)
-    text = stream.getvalue()
-    if parse_params(_safe_load(text, path)).recipe(variant) != dataclasses.replace(recipe, lr=lr):
-        raise PipelineError(f"{path.name}: could not edit variants.{variant} in place")
-    write_text_atomic(path, text)
-    print(
-        f"{variant}: params.yaml now has lr {lr:.4g}, batch_size {recipe.batch_size}, "
-        f"epochs {recipe.epochs}; `dvc repro` trains it as the pipeline's recipe"
-    )

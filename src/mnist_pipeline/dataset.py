@@ -1,7 +1,6 @@
-"""The data set on disk: the four IDX files, their checksums, and the loader into tensors.
+"""The data set on disk: the four IDX files, their checksums, and loading them into tensors.
 
-The download stage (`download.py`) fetches and verifies the files; the stages that train and
-evaluate load them with `load_dataset`, which checks them again.
+torch is imported by `read_idx` alone: `download` uses this module without it.
 """
 
 from __future__ import annotations
@@ -20,42 +19,26 @@ import numpy as np
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.paths import DATA_FILES, data_dir
 
-if TYPE_CHECKING:  # the download stage imports this module and never imports torch
+if TYPE_CHECKING:
     import torch
 
 FILES = DATA_FILES
-
-# Canonical MD5 of the uncompressed content, in the order of FILES (train images, train labels,
-# test images, test labels).
-CHECKSUMS: dict[str, dict[str, str]] = {
-    "mnist": dict(
-        zip(
-            FILES,
-            (
-                "6bbc9ace898e44ae57da46a324031adb",
-                "a25bea736e30d166cdddb491f175f624",
-                "2646ac647ad5339dbf082846283269ea",
-                "27ae3e4e09519cfbb04c329615203637",
-            ),
-            strict=True,
-        )
+# The canonical MD5s of the uncompressed files, in the order of FILES.
+CHECKSUMS: dict[str, tuple[str, ...]] = {
+    "mnist": (
+        "6bbc9ace898e44ae57da46a324031adb",
+        "a25bea736e30d166cdddb491f175f624",
+        "2646ac647ad5339dbf082846283269ea",
+        "27ae3e4e09519cfbb04c329615203637",
     ),
-    "fashion-mnist": dict(
-        zip(
-            FILES,
-            (
-                "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                "9018921c3c673c538a1fc5bad174d6f9",
-                "8181f5470baa50b63fa0f6fddb340f0a",
-                "15d484375f8d13e6eb1aabb0c3f46965",
-            ),
-            strict=True,
-        )
+    "fashion-mnist": (
+        "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "9018921c3c673c538a1fc5bad174d6f9",
+        "8181f5470baa50b63fa0f6fddb340f0a",
+        "15d484375f8d13e6eb1aabb0c3f46965",
     ),
 }
-
-# A JSON file {file name: md5} replacing the canonical table: for tests on tiny data sets and for
-# private mirrors of derived data. Unset in normal use.
+# A JSON file {file name: md5} replacing that table: tests' tiny data sets, private mirrors.
 CHECKSUMS_ENV = "MNIST_CHECKSUMS_FILE"
 CHUNK = 1 << 20
 
@@ -74,11 +57,11 @@ def expected_checksums(dataset: str) -> dict[str, str]:
                 f"{', '.join(FILES)} to its MD5"
             )
         return {name: table[name] for name in FILES}
-    return CHECKSUMS[dataset]
+    return dict(zip(FILES, CHECKSUMS[dataset], strict=True))
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
+    digest = hashlib.md5()  # hashlib.file_digest needs Python 3.11
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
@@ -91,22 +74,18 @@ def data_checksum(md5s: dict[str, str]) -> str:
 
 
 def shown_path(path: Path, root: Path) -> str:
-    """`path` as a user reads it in a message: relative to the project root when inside it."""
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-# --- IDX files ----------------------------------------------------------------------------------
-
+# IDX, read here: torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor) asserts
+# rather than saying what is wrong, and needs torch, which `download` must not load.
 IDX_UBYTE = 0x08
 _MAX_HEADER = 4 + 4 * 255  # the rank is one byte
 _FIX = "re-run `mnist-pipeline download`"
 
 
 class BadIdx(Exception):
-    """A malformed IDX file; the loader adds how to fix it, the download names the mirror."""
+    """A malformed IDX file: the loader adds how to fix it, the download names the mirror."""
 
 
 def _parse_header(header: bytes, name: str) -> tuple[int, ...]:
@@ -120,7 +99,6 @@ def _parse_header(header: bytes, name: str) -> tuple[int, ...]:
 
 
 def _check_size(dims: tuple[int, ...], size: int, name: str) -> None:
-    """The file holds exactly the header and the items its dimensions promise."""
     expected = math.prod(dims)  # exact: numpy's int64 product can overflow on a garbage header
     held = size - (4 + 4 * len(dims))
     if held != expected:
@@ -131,9 +109,7 @@ def _check_size(dims: tuple[int, ...], size: int, name: str) -> None:
 
 
 def check_idx_file(path: Path, name: str) -> None:
-    """Magic, rank (the `idx3` in the name) and size: what a custom MD5 table cannot vouch for.
-
-    Raises BadIdx naming `name`."""
+    """Magic, rank (the `idx3` in the name) and size: what a custom MD5 table cannot vouch for."""
     with path.open("rb") as f:
         header = f.read(_MAX_HEADER)
     dims = _parse_header(header, name)
@@ -143,7 +119,7 @@ def check_idx_file(path: Path, name: str) -> None:
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """Read an IDX file of unsigned bytes into a uint8 tensor, checking magic and size."""
+    """An IDX file of unsigned bytes as a uint8 tensor, its magic and size checked."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing; {_FIX}")
     data = path.read_bytes()
@@ -201,11 +177,4 @@ def load_dataset(root: Path, dataset: str, verify: bool = True) -> Dataset:
             raise PipelineError(f"{where}: {split} has {len(x)} images but {len(y)} labels; {fix}")
         if len(y) and int(y.max()) > 9:
             raise PipelineError(f"{where}: {split} labels outside 0-9; {fix}")
-    return Dataset(
-        name=dataset,
-        train_images=train_x,
-        train_labels=train_y.long(),
-        test_images=test_x,
-        test_labels=test_y.long(),
-        checksum=data_checksum(md5s),
-    )
+    return Dataset(dataset, train_x, train_y.long(), test_x, test_y.long(), data_checksum(md5s))

@@ -1,10 +1,11 @@
-"""Stage 1, `mnist-pipeline download`: fetch the four IDX files from a mirror, verified.
+"""The download stage: fetch the four IDX files from a mirror, verified.
 
-    MNIST_MIRROR=~/mnist-mirror mnist-pipeline download
+    mnist-pipeline download                                 # the mirrors in params.yaml
+    MNIST_MIRROR=~/mnist-mirror mnist-pipeline download     # a folder or URL of one's own
 
-A file is accepted only if its *uncompressed* content has the canonical MD5 (mirrors re-compress,
-so the .gz bytes may differ) and its IDX header matches its size. Files are written atomically:
-data/ holds valid files or none, and a download that fails leaves no folder it made behind.
+A file is accepted only if its uncompressed content has the canonical MD5 (mirrors re-compress:
+the .gz bytes may differ) and its IDX header fits its size; it is written atomically. torchvision's
+MNIST download checks the .gz files' MD5s, which a re-compressing mirror fails.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from tqdm import tqdm
 
 from mnist_pipeline.config import DataConfig
 from mnist_pipeline.dataset import (
@@ -49,8 +52,7 @@ class MirrorFailure(Exception):
 def _local_folder(mirror: str) -> Path | None:
     """The folder a mirror names (a path or a file: URL), or None for a remote URL."""
     if mirror.startswith("file:"):
-        # url2pathname undoes the percent-encoding (Path.as_uri() writes a space as %20);
-        # urlsplit drops a `localhost` host.
+        # url2pathname undoes the percent-encoding (a space is %20); urlsplit drops `localhost`
         return Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
     if "://" in mirror:
         return None
@@ -86,7 +88,7 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
 
 
 class _Counted(io.RawIOBase):
-    """A stream's bytes as they are read, each read reported (the progress bar)."""
+    """A stream whose every read is reported to `progress` (the progress bar)."""
 
     def __init__(self, raw: BinaryIO, progress: Callable[[int], None]) -> None:
         self._raw = raw
@@ -102,11 +104,8 @@ class _Counted(io.RawIOBase):
 
 
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """The content of a gzip stream, chunk by chunk (every member: gunzip reads concatenated
-    ones too); a stream that is not gzip passes as is.
-
-    Errors on truncated or corrupt gzip data and on HTML error pages served in place of data.
-    """
+    """The content of a gzip stream (every member, as gunzip reads them), chunk by chunk; a stream
+    that is not gzip passes as is. Refuses truncated or corrupt gzip and HTML error pages."""
     stream = io.BufferedReader(_Counted(raw, progress), CHUNK)
     head = stream.peek(CHUNK)  # a whole buffer, not two bytes: error pages may open with blanks
     if not head:
@@ -127,17 +126,15 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
 
 def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
     """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
-    bar = None
     try:
         stream, length = _open_source(mirror, name + ".gz")
-        if show_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False)
-        with stream, atomic_path(target) as tmp:
+        bar = tqdm(
+            total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=not show_bar
+        )
+        with stream, bar, atomic_path(target) as tmp:
             digest = hashlib.md5()
             with tmp.open("wb") as out:
-                for chunk in _content(stream, bar.update if bar else lambda n: None):
+                for chunk in _content(stream, bar.update):
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -151,23 +148,17 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar
     except BadIdx as err:
         raise MirrorFailure(str(err)) from None
     except (OSError, http.client.HTTPException) as err:
-        # HTTPException: IncompleteRead when a chunked reply is cut off
+        # HTTPException: IncompleteRead, a chunked reply cut off
         raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
-    finally:
-        if bar:
-            bar.close()
 
 
 def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
-    """MNIST_MIRROR alone when set (it takes precedence), else the params.yaml mirrors."""
-    if override := os.environ.get(MIRROR_ENV):
-        return (override,)
-    return data.dataset_mirrors
+    override = os.environ.get(MIRROR_ENV)
+    return (override,) if override else data.dataset_mirrors
 
 
 def how_to_fix(data: DataConfig) -> str:
-    """What would work, never the setting that just failed: a mirror of one's own, from the
-    public mirrors in params.yaml (README: "A data mirror of your own")."""
+    """What would work (never the setting that just failed): a mirror of one's own (README)."""
     files = " ".join(f"{name}.gz" for name in FILES)
     source = data.dataset_mirrors[0] if data.dataset_mirrors else "a public mirror"
     hint = (
@@ -180,9 +171,8 @@ def how_to_fix(data: DataConfig) -> str:
 
 
 def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -> Path:
-    """Make data/<dataset>/ hold the four verified IDX files; return that folder.
-
-    A download that fails removes the folders it made, if they are still empty."""
+    """Make data/<dataset>/ hold the four verified IDX files; return it. A download that fails
+    removes the folders it made, if they are still empty."""
     folder = data_dir(root, data.dataset)
     made = [p for p in (folder, *folder.parents) if p.is_relative_to(root) and not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +189,7 @@ def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -
 
 
 def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[str], None]) -> None:
-    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write
+    for stale in folder.glob(".*.tmp"):  # a process killed mid-write left it
         stale.unlink(missing_ok=True)
     checksums = expected_checksums(data.dataset)
     missing = [n for n in FILES if not _is_valid(folder / n, checksums[n])]

@@ -1,11 +1,9 @@
-"""The one exception type a user ever sees: the CLI prints it as a single line."""
+"""The one exception a user sees: the CLI prints it as a single line and exits with its code."""
 
 
 class PipelineError(Exception):
-    """A problem the user can fix; `str(err)` says what is wrong and how to fix it.
-
-    exit_code 2 means bad input (params, flags), 1 a failure while doing the work.
-    """
+    """A problem the user can fix; the message says what is wrong and how to fix it.
+    exit_code: 2 for bad input (params, flags), 1 for a failure while doing the work."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
@@ -18,7 +16,6 @@ class ConfigError(PipelineError):
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, cut to `limit` characters, for one-line errors
-    (its type name when the message is empty)."""
+    """The first line of an exception's message, cut to `limit` (its type name when empty)."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__

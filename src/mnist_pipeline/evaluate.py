@@ -1,10 +1,9 @@
-"""Stage 3, `mnist-pipeline evaluate --variant NAME`: score a checkpoint on the 10,000 test images.
+"""The evaluate stage: score a checkpoint on the 10,000 test images.
 
     mnist-pipeline evaluate --variant mlp_relu_dropout
 
-Writes metrics/test/<variant>.json (DVC metrics) and plots/predictions/<variant>.csv (a DVC
-confusion-matrix plot). The MLflow record is made from those two files (`record.evaluation`):
-by `sync`, the pipeline's last stage, for the pipeline's outputs; at once for a one-off's.
+Writes metrics/test/<variant>.json (DVC metrics) and plots/predictions/<variant>.csv (DVC's
+confusion matrix), which `record.evaluation` turns into the MLflow record.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from mnist_pipeline.models import predict
 
 
 def evaluate(params: Params, variant: str, root: Path, outputs: paths.Outputs) -> dict:
-    """Score the checkpoint in `outputs` on the test set and write the metrics and predictions
-    beside it; return the figures."""
+    """Score the checkpoint in `outputs`, write the metrics and predictions; return the figures."""
     model, _ = checkpoint.load(outputs.checkpoint, variant)
     data = load_dataset(root, params.data.dataset)
     device = resolve_device(params.train.device)

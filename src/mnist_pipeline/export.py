@@ -1,18 +1,17 @@
-"""Stage 4, `mnist-pipeline export --variant NAME`: the kept checkpoint as ONNX and int8 ONNX.
+"""The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
     mnist-pipeline export --variant mlp_relu_dropout
 
-Exports the served form of the checkpoint (dropout as identities, a softmax head: every variant
-outputs probabilities; `models.inference_model`) to ONNX in exports/<variant>/ (float32 images
-(N, 1, 28, 28) in [0, 1], dynamic batch), and quantises it to int8 beside it.
-metrics/export/<variant>.json holds each form's size: the same on every host. What a host
-measures of the forms (latency, throughput, the int8 model's accuracy under its kernels) belongs
-to that host: `sync` measures it there and records it in MLflow only (`measure`).
+Writes exports/<variant>/ and metrics/export/<variant>.json (each form's size, the same on every
+host); what a host measures of the forms is `measure`'s, in MLflow only. ONNX is imported inside
+the functions: `record.export` reads QUANTISATION, and only an export pays for ONNX.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,16 +30,15 @@ if TYPE_CHECKING:
 
 OPSET = 18  # ONNX Runtime 1.17+ runs it; the exporter's own default moves with torch releases
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-# int8 weights of 7 bits (`reduce_range`): on an x86 CPU without VNNI, ONNX Runtime's u8s8 kernels
-# add pairs of uint8 x int8 products into int16 (VPMADDUBSW), which saturates for 8-bit weights
-# (2 x 255 x 127 > 32,767) and cost logistic_regression 0.74 pt; with 7 bits (2 x 255 x 64 =
-# 32,640) nothing saturates, so every x86 CPU computes the same int8 products.
+# 7-bit int8 weights (`reduce_range`): without VNNI, ORT's u8s8 kernels sum pairs of products in
+# int16 (VPMADDUBSW), which 8-bit weights saturate (2 x 255 x 127 > 32,767: -0.74 pt for
+# logistic_regression); 7 bits never do, so every x86 CPU computes the same int8 products.
 QUANTISATION = {"per_channel": True, "reduce_range": True, "weight_type": "QInt8"}
 
 
 def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
     """Write both ONNX forms of the checkpoint in `outputs` and their sizes; return the sizes.
-    A failure leaves the previous export whole (everything is written once all succeeded)."""
+    Nothing is written until every step has succeeded."""
     model, _ = checkpoint.load(outputs.checkpoint, variant)
     served = inference_model(model)
     md5 = file_md5(outputs.checkpoint)
@@ -62,7 +60,7 @@ def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
 
 
 def _guarded(variant: str, what: str, step):
-    """Run one step of the export; any failure is one PipelineError line naming the variant."""
+    """One step of the export; a failure is one PipelineError line naming the variant."""
     try:
         return step()
     except PipelineError:
@@ -74,18 +72,12 @@ def _guarded(variant: str, what: str, step):
 def to_onnx(
     served: nn.Sequential, variant: str, checkpoint_md5: str, dynamo: bool = False
 ) -> bytes:
-    """The served model as a single-file ONNX model (serialised), batch dimension dynamic.
+    """The served model as serialised single-file ONNX, batch dimension dynamic.
 
-    torch's TorchScript-based exporter: a process exporting with it pays 3 s less than with the
-    torch.export-based one (`dynamo=True`: it imports torch._dynamo and onnxscript, and traces
-    for 2.7 s against 0.5 s; benchmarks/README.md), and this export is a chain of stock layers,
-    which both translate to the same graph (tests/test_export.py). torch calls it legacy since
-    2.9: `dynamo=True` is the way when it goes. What differs between two hosts exporting one
-    checkpoint is dropped (debug metadata, the torch build suffix): the same checkpoint and torch
-    give the same bytes."""
-    import io
-    import warnings
-
+    The TorchScript-based exporter by default: 0.5 s against 2.7 s for the torch.export-based one
+    (`dynamo=True`, which also imports torch._dynamo and onnxscript; benchmarks/README.md), and
+    both give the same graph for this chain of stock layers (tests/test_export.py). Per-node debug
+    metadata and torch's build suffix are dropped: one checkpoint and torch give the same bytes."""
     import onnx
 
     if dynamo:
@@ -131,29 +123,33 @@ def to_onnx(
 
 
 def check_onnx(served: nn.Sequential, fp32: bytes) -> None:
-    """The export computes what the checkpoint computes: the same probabilities for a batch of
-    seeded random images (ONNX Runtime against torch), before anything is written."""
-    import onnxruntime as ort
-
+    """The export computes what the checkpoint computes: the same probabilities for seeded random
+    images under ONNX Runtime as under torch."""
     x = torch.rand(64, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = served(x).numpy()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
-    session = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    got = ort_runner(fp32)(x.numpy())
     if not np.allclose(got, expected, atol=1e-5):
         worst = float(np.abs(got - expected).max())
         raise PipelineError(f"the ONNX model's probabilities differ from torch's by {worst:.2g}")
 
 
-def quantise(fp32: bytes) -> bytes:
-    """int8 weights (QUANTISATION), activations quantised per batch at run time (ONNX Runtime's
-    dynamic quantisation): no calibration data, and the activation range always fits the batch.
+def ort_runner(model: bytes):
+    """A function that runs a serialised ONNX model on a batch under ONNX Runtime on the CPU."""
+    import onnxruntime as ort
 
-    ORT quantises MatMul, not Gemm (what nn.Linear exports to), dynamically: each Gemm becomes
-    MatMul + Add first. Pre-processed for shapes only: ORT's graph optimisation there would fuse
-    MatMul + Add back into Gemm."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def quantise(fp32: bytes) -> bytes:
+    """ONNX Runtime's dynamic quantisation: int8 weights (QUANTISATION), activations quantised per
+    batch at run time (no calibration data). It covers MatMul, not the Gemm nn.Linear exports to:
+    each Gemm becomes MatMul + Add first, and the pre-processing skips the graph optimisation
+    that would fuse them back."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process

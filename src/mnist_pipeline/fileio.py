@@ -32,19 +32,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def write_atomic(target: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)`, then move tmp over `target`. A failing write (disk full, no permission)
-    is one PipelineError naming the file; `target` keeps its previous content."""
+    """`write(tmp)`, then move tmp over `target`; a failing write is one PipelineError naming it."""
     try:
         with atomic_path(target) as tmp:
             write(tmp)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
+        fix = ""
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             fix = "; free some disk space and run it again"
         elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             fix = f"; check that {target.parent} is writable"
-        else:
-            fix = ""
         raise PipelineError(
             f"could not write {target} ({reason}); what was there before is unchanged{fix}"
         ) from err
@@ -55,4 +53,4 @@ def write_text_atomic(target: Path, text: str) -> None:
 
 
 def write_json_atomic(target: Path, data: Any) -> None:
-    write_text_atomic(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(target, json.dumps(data, indent=2) + "\n")

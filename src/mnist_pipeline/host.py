@@ -1,5 +1,8 @@
-"""What machine this is and which code it runs: the host label, the CPU and the instruction sets
-that decide its kernels, the GPU, the library versions, and the git state of the checkout."""
+"""What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
+
+torch is imported inside the functions that describe a device: `sync`'s no-op path asks for the
+host label alone.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
-# CPU flags (as /proc/cpuinfo names them) that decide which kernels torch, oneDNN, MKL and ONNX
+# The CPU flags (/proc/cpuinfo names) that decide which kernels torch, oneDNN, MKL and ONNX
 # Runtime choose: the speed of every form, and the rounding of int8 (VNNI or not) and of training.
 ISA_FLAGS = {
     "avx2": "avx2",
@@ -19,8 +22,7 @@ ISA_FLAGS = {
     "avx_vnni": "avx_vnni",
     "amx": "amx_int8",
 }
-# Settings that pin the libraries' CPU code paths (README "Reproducible bytes"): recorded on a
-# run when set, so that a run says which path made its bytes.
+# Settings that pin the libraries' CPU code paths (README "Reproducible bytes"), recorded when set.
 ISA_PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 
@@ -39,11 +41,8 @@ def _cpuinfo() -> dict[str, str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
+    lines = (line.partition(":") for line in text.split("\n\n", 1)[0].splitlines())
+    return {key.strip(): value.strip() for key, _, value in lines}
 
 
 def cpu_model() -> str:
@@ -61,8 +60,7 @@ def cpu_tags() -> dict[str, str]:
 
 
 def machine_tags(device=None) -> dict[str, str]:
-    """What describes the machine a run ran on (on a cluster: its node); with a `torch.device`,
-    the device too: its type, its name, and a GPU's compute capability."""
+    """The machine a run ran on (on a cluster: its node); with a `torch.device`, the device too."""
     import torch
 
     tags = {
@@ -82,7 +80,6 @@ def machine_tags(device=None) -> dict[str, str]:
 
 
 def device_name(device) -> str:
-    """The GPU's model, or the CPU's."""
     import torch
 
     if device.type == "cuda":

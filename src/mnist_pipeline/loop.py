@@ -1,9 +1,8 @@
-"""The training loop: a set-up, then epochs of steps over tensors in memory, each epoch validated
-and reported. The train stage and every search trial run it.
+"""The training loop, shared by the train stage and the search's trials.
 
-The data sits in memory as float tensors on the training device; a batch is an index slice, so an
-epoch costs about what a bare loop over those tensors costs. Per-epoch metrics come from a
-validation split held out of the training set with a fixed seed; the test set is evaluate's.
+A set-up, then epochs of steps, each epoch validated on a seeded split of the training set and
+reported. The data sits on the device as float tensors and a batch is an index slice: an epoch
+costs about what a bare loop over those tensors costs (a DataLoader would collate every batch).
 """
 
 from __future__ import annotations
@@ -11,14 +10,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from mnist_pipeline import signals
 from mnist_pipeline.config import Recipe, TrainConfig
@@ -27,8 +25,7 @@ from mnist_pipeline.device import as_float, set_cpu_threads
 from mnist_pipeline.errors import ConfigError, PipelineError
 from mnist_pipeline.models import build_model, logits_view, predict
 
-# The per-epoch figures that the recipe determines (the history a DVC plot holds); the timings
-# beside them differ every run and go to MLflow only.
+# The per-epoch figures the recipe determines (the DVC plot); the timings beside them: MLflow only.
 HISTORY_COLUMNS = ("epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy")
 
 
@@ -44,7 +41,7 @@ class Split:
 
 @dataclass(frozen=True)
 class SetUp:
-    """What `fit` trains: the model (seeded), its optimizer, the shuffling generator (None: no
+    """What `fit` trains: the seeded model, its optimizer, the shuffling generator (None: no
     shuffling) and the data, split."""
 
     model: nn.Sequential
@@ -56,8 +53,6 @@ class SetUp:
 
 @dataclass(frozen=True)
 class Fit:
-    """What training returns: the per-epoch history, and the epoch kept with its weights."""
-
     history: list[dict[str, float]]
     kept_epoch: int
     kept_state: dict[str, torch.Tensor]
@@ -91,7 +86,6 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def set_up(variant: str, recipe: Recipe, settings: TrainConfig, data: Dataset, device) -> SetUp:
-    """Everything a training of `variant` starts from."""
     train_data, val_data = train_val_split(data, settings.val_size, settings.seed, device)
     set_cpu_threads(device, recipe.batch_size)
     torch.manual_seed(settings.seed)
@@ -109,11 +103,8 @@ def train_epoch(
     generator: torch.Generator | None,
     progress=None,
 ) -> tuple[float, float]:
-    """One pass over `data` (shuffled when a generator is given); the mean loss and accuracy.
-
-    Per step, the metrics cost one kernel (the argmax) and no host synchronisation; losses and
-    predictions are reduced once, after the epoch.
-    """
+    """One pass over `data` (shuffled with a generator); the mean loss and accuracy. A step's
+    metrics cost one kernel (the argmax) and no host synchronisation: they are reduced after."""
     model.train()
     net = logits_view(model)
     n = len(data.y)
@@ -142,7 +133,6 @@ def train_epoch(
 
 
 def evaluate_split(model: nn.Sequential, data: Split) -> tuple[float, float]:
-    """Mean loss and accuracy of `model` on `data`, in eval mode."""
     pred, loss = predict(model, data.x, data.y)
     return loss, (pred == data.y).sum().item() / len(data.y)
 
@@ -155,15 +145,17 @@ def fit(
     on_epoch: Callable[[dict[str, float], int], None],
     label: str,
 ) -> Fit:
-    """The epochs, each: train, validate, report (`on_epoch(row, epoch)`). Kept: with keep="best"
-    and a validation split, the first epoch to reach the best validation accuracy (the split
-    exists for this; the test set is never consulted); otherwise the last."""
+    """The epochs, each trained, validated and reported (`on_epoch(row, epoch)`). Kept: with
+    keep="best" and a validation split, the first epoch to reach the best validation accuracy
+    (never the test set's); otherwise the last."""
     model, train_data, val_data = setup.model, setup.train, setup.val
     history: list[dict[str, float]] = []
     best = BestEpoch()
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
-        with _progress(len(train_data.y), f"{label} {epoch}/{recipe.epochs}") as bar:
+        desc, terminal = f"{label} {epoch}/{recipe.epochs}", sys.stderr.isatty()
+        bar_options = {"unit": "img", "leave": False, "mininterval": 0.5, "disable": not terminal}
+        with tqdm(total=len(train_data.y), desc=desc, **bar_options) as bar:  # nothing in a log
             loss, acc = train_epoch(
                 model,
                 setup.optimizer,
@@ -197,7 +189,7 @@ def fit(
 
 @dataclass
 class BestEpoch:
-    """The first epoch to reach the best validation accuracy so far, and a copy of its weights."""
+    """The first epoch to reach the best validation accuracy so far, and its weights."""
 
     epoch: int = 0
     accuracy: float = -1.0
@@ -217,15 +209,3 @@ def _shown(row: dict[str, float]) -> str:
     return (
         f"{figures} ({row['time/epoch_seconds']:.2f}s, {row['time/samples_per_second']:.0f} img/s)"
     )
-
-
-@contextmanager
-def _progress(total: int, desc: str) -> Iterator[Any]:
-    """A progress bar on a terminal; nothing in a log."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm  # a terminal only
-
-    with tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5) as bar:
-        yield bar

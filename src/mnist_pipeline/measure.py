@@ -1,9 +1,8 @@
-"""What a host measures of a checkpoint's three forms: inference latency (batch 1, median and 95th
-percentile) and throughput (batch 256) of the PyTorch model on the run's device and of the ONNX
-fp32 and int8 models under ONNX Runtime on the CPU, and each ONNX form's test accuracy as this
-host's kernels compute it (the whole test set in one batch, and one image at a time: int8's
-dynamic quantisation scales activations per batch). These figures belong to the host, not to
-the bytes: `sync` measures them once per host and checkpoint, into MLflow only.
+"""What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
+
+PyTorch on the device, ONNX and int8 under ONNX Runtime on the CPU: latency at batch 1, throughput
+at batch 256, and each ONNX form's test accuracy under this host's kernels, whole and one image at
+a time (int8 scales activations per batch). They belong to the host: MLflow only.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from mnist_pipeline import host
+from mnist_pipeline.export import ort_runner
 
 FORMS = ("torch", "onnx", "int8")
 CALLS = {1: 200, 256: 20}  # timed calls per batch size, after WARMUP: well under a second
@@ -28,21 +28,18 @@ Runner = Callable[[Any], Any]
 def measure(
     served: torch.nn.Module, onnx_models: dict[str, bytes], x, y, device, *, latency: bool = True
 ) -> dict:
-    """{form: figures} for the served PyTorch model on `device` and each ONNX model (`onnx`,
-    `int8`: serialised) on the CPU, over the test images `x` (float32 (N, 1, 28, 28), CPU) and
-    labels `y` (numpy); without `latency`, the ONNX forms' accuracy alone. One form at a time,
-    each session made just before and dropped after: ONNX Runtime's threads spin a while after
-    a call, which would slow the next form's."""
+    """{form: figures} over the test images `x` (float32, CPU) and labels `y` (numpy); without
+    `latency`, the ONNX forms' accuracy alone. One ONNX session at a time, each dropped after
+    use: ONNX Runtime's threads spin a while after a call, which would slow the next form's."""
     figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
     images = x.numpy()
     for form, model in onnx_models.items():
-        run = _ort_runner(model)
+        run = ort_runner(model)
         figures[form] = (_timings(run, images) if latency else {}) | _accuracy(run, images, y)
     return figures
 
 
 def conditions(device) -> dict[str, Any]:
-    """What the figures depend on: the machine, the libraries, the threads, the calls."""
     return {
         "host": host.host_label(),
         "device": str(device),
@@ -67,18 +64,9 @@ def _torch_runner(served: torch.nn.Module, device) -> Runner:
     return run
 
 
-def _ort_runner(model: bytes) -> Runner:
-    """An ONNX Runtime CPU session (default threads and graph optimisations)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on its own graph rewrites
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
-
-
 def _timings(run: Runner, x) -> dict[str, float]:
-    """Latency at batch 1 (median and 95th percentile, ms) and throughput at batch 256
-    (images per second, from the median call), on the test images (repeated if fewer)."""
+    """Latency at batch 1 (median and 95th percentile, ms) and throughput at batch 256 (images
+    a second, from the median call), on the test images (repeated if fewer)."""
     figures = {}
     for size, calls in CALLS.items():
         index = np.arange(size * (WARMUP[size] + calls)) % len(x)

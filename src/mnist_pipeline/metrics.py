@@ -1,15 +1,13 @@
-"""Classification metrics from predictions: what `evaluate` writes for DVC, and what the record
-derives again from the predictions it wrote (plots/predictions/<variant>.csv)."""
+"""Classification metrics from predictions, for `evaluate`'s DVC files and the MLflow record."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from mnist_pipeline.models import NUM_CLASSES
-
-if TYPE_CHECKING:
-    import torch
 
 # What a person compares goes to DVC's metrics file; per-class figures and macro precision and
 # recall go to the MLflow run, where they do not crowd `dvc exp show`.
@@ -18,16 +16,12 @@ DVC_METRICS = ("test/accuracy", "test/loss", "test/f1_macro")
 
 def confusion(y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """Counts, rows: true class, columns: predicted class."""
-    import torch
-
     flat = y.cpu().long() * NUM_CLASSES + pred.cpu().long()
     return torch.bincount(flat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
 
 
 def per_class(cm: torch.Tensor):
     """Support, precision, recall (= the class's accuracy) and F1 per class, as tensors."""
-    import torch
-
     tp = cm.diag().double()
     support, predicted = cm.sum(1).double(), cm.sum(0).double()
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
@@ -68,9 +62,5 @@ def predictions_csv(y: torch.Tensor, pred: torch.Tensor) -> str:
 
 
 def read_predictions(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(actual, predicted) from a predictions CSV."""
-    import numpy as np
-    import torch
-
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return torch.from_numpy(table[:, 0].copy()), torch.from_numpy(table[:, 1].copy())

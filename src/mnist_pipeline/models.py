@@ -1,32 +1,34 @@
 """The model variants: a plain mapping from name to architecture, and one builder.
 
-Every model is a plain `torch.nn.Sequential` of stock layers, so a logged model unpickles on a
-host that has torch but not this package. Input: (N, 1, 28, 28) floats in [0, 1].
-
-To add a variant: add an entry to VARIANTS and a recipe under `variants:` in params.yaml.
+Every model is a `torch.nn.Sequential` of stock layers, so a logged model unpickles on a host that
+has torch and not this package. Input: (N, 1, 28, 28) floats in [0, 1]. A new variant: an entry in
+VARIANTS and a recipe under `variants:` in params.yaml. torch is imported inside the functions:
+`download` and `report` read VARIANTS (through config) and never load torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mnist_pipeline.errors import ConfigError
 
-if TYPE_CHECKING:  # torch is imported where a model is built: `download` and `report` skip it
+if TYPE_CHECKING:
     from torch import nn
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")  # names of torch.nn layers, see build_model
 HEADS = ("logits", "softmax")
+NUM_CLASSES = 10
+INPUT_SHAPE = (1, 28, 28)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Hidden layers as (width, activation) pairs, then a 10-way linear layer.
-
-    dropout: probability after each hidden activation (0 for none).
-    head: "logits" (train with cross-entropy) or "softmax" (the network outputs probabilities).
-    """
+    """Hidden layers as (width, activation), then a 10-way linear layer; dropout after each hidden
+    activation (0: none); head "logits", or "softmax" (the network outputs probabilities)."""
 
     hidden: tuple[tuple[int, str], ...] = ()
     dropout: float = 0.0
@@ -46,9 +48,6 @@ VARIANTS: dict[str, Architecture] = {
     "mlp_relu_dropout": Architecture(hidden=((96, "relu"), (256, "relu")), dropout=0.2),
     "mlp512_relu": Architecture(hidden=((512, "relu"), (512, "relu"))),
 }
-
-NUM_CLASSES = 10
-INPUT_SHAPE = (1, 28, 28)
 
 
 def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
@@ -82,20 +81,17 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
 
 
 def logits_view(model: nn.Sequential) -> nn.Sequential:
-    """The part of `model` that outputs logits: all of it, or all but a final Softmax.
-
-    A probability head is trained on the negative log-likelihood of log(softmax(z)), and
-    log_softmax(z) computes that stably; cross-entropy on the probabilities would apply a second
-    softmax (the bug in the tutorial that defines mlp_tanh_sigmoid_softmax).
-    """
+    """All of `model` but a final Softmax: a probability head is trained on log_softmax of the
+    logits, computed stably; cross-entropy on the probabilities would apply a second softmax (the
+    bug in the tutorial that defines mlp_tanh_sigmoid_softmax)."""
     from torch import nn
 
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model
 
 
 def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
-    """Predicted classes of `x` and the mean loss against `y` (on logits, stably), in eval mode
-    and in chunks of `chunk` images: the test set (evaluate) and the validation split (train)."""
+    """Predicted classes of `x` and the mean loss against `y` (on logits), in eval mode and in
+    chunks: the test set (evaluate) and the validation split (train)."""
     import torch
     import torch.nn.functional as F
 
@@ -110,12 +106,9 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
 
 
 def inference_model(model: nn.Sequential) -> nn.Sequential:
-    """The served form of `model`, one contract for every variant: a CPU copy in eval mode that
-    takes float32 images (N, 1, 28, 28) in [0, 1] and outputs class probabilities (N, 10):
-    dropout as identities, a Softmax appended to a logits head. Plain stock layers, so it loads
-    on a host that has torch and not this package. The trained weights are copied, not changed."""
-    import copy
-
+    """The served form, the same contract for every variant: a CPU copy in eval mode, float32
+    images (N, 1, 28, 28) in [0, 1] in, class probabilities (N, 10) out (dropout as identities,
+    a Softmax after a logits head). The trained weights are copied, not changed."""
     from torch import nn
 
     layers = [
@@ -132,11 +125,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def summary_text(model: nn.Module) -> str:
-    """The torchsummary table for `model` on a (1, 28, 28) input, as text (computed on CPU)."""
-    import contextlib
-    import copy
-    import io
-
     from torchsummary import summary
 
     buffer = io.StringIO()

@@ -1,5 +1,4 @@
-"""Every path the pipeline reads or writes, and every output's file name, in one place (dvc.yaml
-names the same paths)."""
+"""Every path the pipeline reads or writes and every output's file name, in one place."""
 
 from __future__ import annotations
 
@@ -21,33 +20,15 @@ DATA_FILES = (
 
 
 def project_root() -> Path:
-    """The project checkout: `MNIST_PIPELINE_ROOT`, else the nearest folder up from the working
-    directory that holds params.yaml, else the working directory itself."""
+    """`MNIST_PIPELINE_ROOT`, else the nearest folder up from here with params.yaml, else here."""
     if env := os.environ.get("MNIST_PIPELINE_ROOT"):
         return Path(env).resolve()
     cwd = Path.cwd().resolve()
-    for folder in (cwd, *cwd.parents):
-        if (folder / PARAMS_FILE).is_file():
-            return folder
-    return cwd
+    return next((f for f in (cwd, *cwd.parents) if (f / PARAMS_FILE).is_file()), cwd)
 
 
 def data_dir(root: Path, dataset: str) -> Path:
     return root / "data" / dataset
-
-
-@dataclass(frozen=True)
-class Report:
-    """The report's files: every variant in a table (Markdown and CSV) and a chart."""
-
-    markdown: Path
-    csv: Path
-    chart: Path
-
-
-def report_outputs(root: Path) -> Report:
-    folder = root / "reports"
-    return Report(folder / "results.md", folder / "results.csv", folder / "results.png")
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -59,10 +40,21 @@ def default_artifact_location(root: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Report:
+    markdown: Path
+    csv: Path
+    chart: Path
+
+
+def report_outputs(root: Path) -> Report:
+    folder = root / "reports"
+    return Report(folder / "results.md", folder / "results.csv", folder / "results.png")
+
+
+@dataclass(frozen=True)
 class Outputs:
-    """Where one variant's training, evaluation and export write. The pipeline's are DVC outputs
-    (dvc.yaml names the same paths); a one-off run's (a recipe that differs from params.yaml)
-    sit together under one-off/<variant>/, so the pipeline's outputs never change under DVC."""
+    """Where one variant's stages write: the pipeline's DVC outputs, or a one-off's (a recipe other
+    than params.yaml's) together under one-off/<variant>/, out of DVC's sight."""
 
     checkpoint: Path
     train_metrics: Path

@@ -1,11 +1,15 @@
-"""Every chart the project draws, in one place and one style: the report's, compare's, and the
-evaluation's confusion matrix and misclassified examples. matplotlib is imported (headless, Agg)
-only when a chart is drawn."""
+"""Every chart the project draws: the evaluation's, the report's and compare's.
+
+matplotlib is imported (headless) when a chart is drawn and torch by the one chart that needs it:
+`report` must not load torch, nor `compare` matplotlib without --chart.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,7 +21,7 @@ DPI = 110
 def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")  # no display: the stages run headless
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -28,9 +32,6 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-# --- evaluate: one variant on the test set -------------------------------------------------------
-
-
 def confusion_matrix(cm: torch.Tensor, path: Path, title: str) -> None:
     """The confusion matrix with its counts (rows: true class, columns: predicted)."""
     plt = _pyplot()
@@ -38,9 +39,7 @@ def confusion_matrix(cm: torch.Tensor, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.imshow(counts, cmap="Blues")
     dark = counts.max() / 2
-    for (i, j), value in (
-        (ij, counts[ij]) for ij in [(i, j) for i in range(10) for j in range(10)]
-    ):
+    for (i, j), value in np.ndenumerate(counts):
         colour = "white" if value > dark else "black"
         ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=colour)
     ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10))
@@ -51,8 +50,7 @@ def confusion_matrix(cm: torch.Tensor, path: Path, title: str) -> None:
 def misclassified(
     images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor, path: Path, *, title: str
 ) -> None:
-    """The first 36 misclassified test images, tiled by torchvision's `make_grid`, each captioned
-    true→predicted."""
+    """The first 36 misclassified test images (`make_grid`), captioned true→predicted."""
     import torch
     from torchvision.utils import make_grid
 
@@ -85,9 +83,6 @@ def misclassified(
     _save(fig, path)
 
 
-# --- report: every variant of one data set -------------------------------------------------------
-
-
 def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
     """Left: test accuracy against size (log axis, every variant labelled, labels kept apart).
     Right: the variants ranked by test accuracy."""
@@ -97,7 +92,9 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
         1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.15, 1]}
     )
     left.scatter(table["params"], accuracy, zorder=3)
-    _log_axis(left.xaxis, subs=(1.0, 2.0, 5.0), label=_compact)
+    from matplotlib.ticker import EngFormatter
+
+    _log_axis(left.xaxis, subs=(1.0, 2.0, 5.0), label=EngFormatter(sep=""))  # 10k, 2M
     low, high = table["params"].min(), table["params"].max()
     left.set_xlim(low / 1.6, high * 4)  # room on the right for the labels
     span = max(accuracy.max() - accuracy.min(), 1.0)
@@ -134,11 +131,13 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
 
 
 def _log_axis(axis, subs: tuple[float, ...], label) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """A log x axis with major ticks at `subs` times powers of ten, labelled by `label` (a
+    matplotlib formatter or format string), and no minor labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter
 
     axis.axes.set_xscale("log")
     axis.set_major_locator(LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+    axis.set_major_formatter(label)
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -152,23 +151,10 @@ def _spread(values: list[float], gap: float) -> list[float]:
     return [p - shift for p in placed]
 
 
-def _compact(value: float) -> str:
-    """10,000 -> 10k, 2,000,000 -> 2M: tick labels that fit side by side on a log axis."""
-    for divisor, suffix in ((1e6, "M"), (1e3, "k")):
-        if value >= divisor:
-            return f"{value / divisor:g}{suffix}"
-    return f"{value:g}"
-
-
-# --- compare: variants × host · device, from the tracking store ----------------------------------
-
-
 def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
     """Per variant, one colour per host · device: test accuracy and training throughput as
     bars; batch-1 inference latency of each form (PyTorch ●, ONNX ■, int8 ▲) as dots. The legend
     above the panels, where it covers no bar."""
-    import numpy as np
-
     plt = _pyplot()
     groups = list(table.columns.get_level_values(0).unique())
     variants = list(table.index)
@@ -205,7 +191,7 @@ def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
     accuracy = table.xs("test/accuracy", axis=1, level=1).to_numpy(dtype=float) * 100
     if np.isfinite(accuracy).any():
         axes[0].set_xlim(max(0.0, np.nanmin(accuracy) - 3), 100.5)
-    _log_axis(axes[1].xaxis, subs=(1.0, 3.0), label=lambda v: f"{v:,.0f}")
+    _log_axis(axes[1].xaxis, subs=(1.0, 3.0), label="{x:,.0f}")
     throughput = table.xs("time/median_samples_per_second", axis=1, level=1).to_numpy(float)
     if np.isfinite(throughput).any():
         axes[1].set_xlim(np.nanmin(throughput) / 2, np.nanmax(throughput) * 3)  # room for labels

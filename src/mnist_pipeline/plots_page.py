@@ -2,16 +2,17 @@
 
     python -m mnist_pipeline.plots_page .dvc/tmp/offline-plots.html   # `make setup` runs this
 
-DVC's own page loads vega, vega-lite and vega-embed from a CDN: offline it is blank. This template
-carries those three libraries inline, from the `vl-convert-python` package (the Vega project's
-converter, which ships them), and leaves out DVC's `{scripts}` placeholder, so the page references
-no remote script. DVC reads it through its `plots.html_template` setting (or `--html-template`).
+DVC's own page loads vega, vega-lite and vega-embed from a CDN (blank offline). This one carries
+them inline, from `vl-convert-python` (the Vega project's converter ships them), without DVC's
+`{scripts}` placeholder. DVC reads it through its `plots.html_template` setting.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import vl_convert
 
 # DVC's chart specs declare Vega-Lite v5: bundle the newest v5 the package ships.
 VEGA_LITE_MAJOR = "5."
@@ -41,8 +42,6 @@ LIBS
 
 def template() -> str:
     """The page, with the libraries inline (a `</script` inside them would end the tag)."""
-    import vl_convert
-
     vega_lite = max(
         (v for v in vl_convert.get_vegalite_versions() if v.startswith(VEGA_LITE_MAJOR)),
         key=lambda v: tuple(int(part) for part in v.split(".")),

@@ -1,4 +1,4 @@
-"""Stage 4, `mnist-pipeline report`: every variant side by side, from the DVC metrics files.
+"""The report stage: every variant side by side, from the DVC metrics files.
 
 mnist-pipeline report      # -> reports/: a Markdown and a CSV table, and a chart
 """
@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from mnist_pipeline import paths, plots
 from mnist_pipeline.config import Params
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
 
 
-def collect(params: Params, root: Path):
-    """One row per variant in params.yaml: size, test metrics and timings."""
-    import pandas as pd
-
+def collect(params: Params, root: Path) -> pd.DataFrame:
+    """One row per variant in params.yaml: its recipe, size and metrics."""
     rows = []
     for variant, recipe in params.variants.items():
         outputs = paths.pipeline_outputs(root, variant)

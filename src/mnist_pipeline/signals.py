@@ -1,9 +1,8 @@
-"""Ctrl-C and SIGTERM during a training: acted on between two training steps, never inside a
-library call.
+"""Ctrl-C and SIGTERM during a training, acted on between two steps, never inside a library call.
 
-Raised wherever the signal landed, the exception could start inside MLflow's or SQLAlchemy's code
-with a lock held, and the run's clean-up then hung. So the handler only notes the signal, and the
-loop asks `check()` between steps; a second signal acts at once.
+Raised where it landed, the exception could start inside MLflow's or SQLAlchemy's code with a lock
+held, and the run's clean-up hung. So the handler only notes it for `check()`; a second one acts
+at once.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from contextlib import contextmanager
 
 
 class Terminated(BaseException):
-    """SIGTERM, turned into an exception so the run ends KILLED and no checkpoint is written."""
+    """SIGTERM as an exception: the run ends KILLED and no checkpoint is written."""
 
 
 class _Received:
@@ -26,7 +25,6 @@ def _interruption(signum: int) -> BaseException:
 
 
 def check() -> None:
-    """Raise the interruption a signal asked for, if one came."""
     if _Received.signum is not None:
         raise _interruption(_Received.signum)
 

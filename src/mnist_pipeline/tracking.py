@@ -1,5 +1,9 @@
-"""Where runs go and whether that store can be used: the tracking URI and experiment, the checks
-that it answers and accepts this account, and the one way this package reaches it."""
+"""Where runs go and whether that store can be used.
+
+The tracking URI and experiment, the checks that the store answers and accepts this account, and
+the client the recording uses. MLflow is imported inside the functions: `sync`'s no-op path runs
+without it.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ _ACCOUNT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # what names
 
 
 def store_root(root: Path) -> Path:
-    """Where the local tracking store lives: the project root. `dvc exp run --queue` runs stages
-    in a temporary copy of the repository and points DVC_ROOT at the real one: runs go there."""
+    """The project root, or DVC_ROOT: `dvc exp run --queue` runs stages in a temporary copy of
+    the repository, and the runs belong in the real one."""
     return Path(os.environ.get("DVC_ROOT") or root)
 
 
@@ -219,10 +223,9 @@ def _open_sqlite_store(uri: str) -> None:
 
 
 def run_experiment_id(dataset: str, root: Path) -> str:
-    """The experiment a new run goes to: MLFLOW_EXPERIMENT_ID when set (as `mlflow run` sets it
-    for its parent run; the MLflow UI nests children only within one experiment), else
-    `experiment_name(dataset)`, created if needed. On the local SQLite store, artifacts go to
-    <root>/mlartifacts whatever the working directory (MLflow would use ./mlruns)."""
+    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it: the UI nests children within one experiment),
+    else `experiment_name(dataset)`, created if needed, its artifacts on the local store in
+    <root>/mlartifacts (MLflow would use ./mlruns)."""
     import mlflow
 
     if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -235,17 +238,14 @@ def run_experiment_id(dataset: str, root: Path) -> str:
     location = default_artifact_location(store_root(root)) if uri.startswith("sqlite:") else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:
-        # Another process created it between our lookup and create (parallel `dvc exp` jobs).
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
+    except Exception:  # another process created it since the lookup (parallel `dvc exp` jobs)
+        if (experiment := mlflow.get_experiment_by_name(name)) is None:
             raise
         return experiment.experiment_id
 
 
 def client():
-    """A client of the current tracking store (`mlflow.set_tracking_uri`): the one way this
-    package reaches it, as MLflow keeps one store object per URI."""
+    """A client of the current tracking store: MLflow keeps one store object per URI."""
     import mlflow
 
     return mlflow.MlflowClient()
@@ -262,10 +262,9 @@ _ARTIFACT_COLUMNS = (
 
 
 def follow_a_moved_project(root: Path) -> str | None:
-    """The project's own SQLite store, in a project folder that was copied or moved: MLflow
-    records artifact paths resolved (file:///<old folder>/mlartifacts/...), so the copy would go on
-    writing into, and reading from, the old folder. Point them into this folder's mlartifacts
-    (which came along with the copy). Returns the old location, or None when nothing moved."""
+    """Point the artifact paths of the project's own SQLite store into this folder's mlartifacts
+    when the project was copied or moved: MLflow records them resolved, and the copy would go on
+    using the old folder. Returns the old location, or None."""
     here = store_root(root)
     if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
         return None

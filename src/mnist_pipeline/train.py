@@ -1,11 +1,10 @@
-"""Stage 2, `mnist-pipeline train --variant NAME`: train one variant, write its checkpoint, its
-per-epoch history (a DVC plot) and its training metrics (DVC metrics).
+"""The train stage: train one variant, write its checkpoint, history and training metrics.
 
-    mnist-pipeline train --variant mlp_relu_dropout            # the params.yaml recipe
+    mnist-pipeline train --variant mlp_relu_dropout                 # the params.yaml recipe
     mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/
 
 Only what the recipe and seed determine is written: the same recipe twice, the same bytes. The
-MLflow run around it (`commands.train`) gets each epoch through `on_epoch`, and the timings.
+MLflow run around it (`commands.train`) gets each epoch through `on_epoch`.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from mnist_pipeline.models import count_parameters
 
 @dataclass(frozen=True)
 class Job:
-    """One training, ready to start: its recipe (`params`, a one-off's included), where it
-    writes, the device, the data and the set-up."""
+    """One training, ready to start: its params (a one-off's included), where it writes, the
+    device, the data and the set-up."""
 
     variant: str
     params: Params
@@ -45,7 +44,7 @@ class Job:
 
 
 def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) -> Job:
-    """The device, the data (checked) and the seeded set-up: everything before the first epoch."""
+    """Everything before the first epoch: the device, the data (checked), the seeded set-up."""
     device = resolve_device(params.train.device)
     data = load_dataset(root, params.data.dataset)
     setup = loop.set_up(variant, params.recipe(variant), params.train, data, device)
@@ -53,8 +52,8 @@ def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) ->
 
 
 def run(job: Job, on_epoch: Callable[[dict[str, float], int], None]) -> loop.Fit:
-    """Train, keep the chosen epoch's weights, write the outputs. A signal before the outputs
-    are written ends it with nothing saved (`signals`)."""
+    """Train, keep the chosen epoch's weights, write the outputs; a signal before then saves
+    nothing."""
     recipe, settings = job.params.recipe(job.variant), job.params.train
     fitted = loop.fit(
         job.setup, recipe=recipe, keep=settings.keep, on_epoch=on_epoch, label=job.variant
@@ -66,7 +65,6 @@ def run(job: Job, on_epoch: Callable[[dict[str, float], int], None]) -> loop.Fit
 
 
 def write_outputs(job: Job, fitted: loop.Fit) -> None:
-    """Checkpoint, per-epoch history and the kept epoch's training summary."""
     model, outputs = job.setup.model, job.outputs
     num_params = count_parameters(model)
     checkpoint.save(

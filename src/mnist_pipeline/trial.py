@@ -1,6 +1,9 @@
-"""A search's trial: one recipe trained with the project's loop (`loop`), in a Ray worker on
-whichever node Tune placed it, each epoch reported to Tune and to the trial's MLflow run (a child
-of the search's run, on the store `tune` named in every worker's environment)."""
+"""A search's trial: one recipe trained with the project's loop in a Ray worker.
+
+Each epoch is reported to Tune and to the trial's MLflow run (a child of the search's, on the
+store `tune` names in every worker's environment). Ray is imported inside the functions, which
+run in a worker: `tune` imports this module before it starts Ray.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mnist_pipeline import host, paths
 from mnist_pipeline.config import Params, Recipe
 from mnist_pipeline.dataset import Dataset
+from mnist_pipeline.device import resolve_device
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.loop import Diverged, fit, set_up
 from mnist_pipeline.record import search as record
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.record.training import EpochLogger, log_recipe, log_timings
@@ -38,7 +45,6 @@ class TrialJob:
 
 
 def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
-    """The variant's recipe with a trial's lr, batch size and epochs."""
     return dataclasses.replace(
         params.recipe(variant),
         lr=float(config["lr"]),
@@ -55,16 +61,10 @@ def tensor_digest(data: Dataset) -> str:
     return digest.hexdigest()
 
 
-# --- the trial: runs in a Ray worker on whichever node Tune placed it ----------------------
-
-
 def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
     """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
-    import ray  # a worker has Ray loaded already
+    import ray
     from ray import tune as ray_tune
-
-    from mnist_pipeline.device import resolve_device
-    from mnist_pipeline.loop import Diverged, fit, set_up
 
     if tensor_digest(data) != job.data_digest:
         raise PipelineError(f"{job.variant}: the data reached this node altered; not training")
@@ -79,7 +79,6 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
         NODE_TAG: ray.get_runtime_context().get_node_id(),
         record.TRIAL_TAG: trial_id,
     }
-    # A child of the search's run, on the store _ray named in every worker's environment.
     with runs.started_run(
         job.experiment_id,
         name=f"trial {trial_id} · {job.variant}",
@@ -103,8 +102,8 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
 
 @dataclass
 class _Reporter:
-    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint
-    when the validation accuracy improved (the trial's kept epoch, as `train.keep: best`)."""
+    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint when
+    the validation accuracy improved (the kept epoch, as `train.keep: best`)."""
 
     run_id: str
     model: Any
@@ -113,7 +112,6 @@ class _Reporter:
     epoch: int = 0  # the last one reported
 
     def __call__(self, row: dict[str, float], epoch: int) -> None:
-        import torch
         from ray import tune as ray_tune
 
         self.log_epoch(row, epoch)
@@ -133,8 +131,8 @@ class _Reporter:
             ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
 
     def diverged(self, err: Exception) -> None:
-        """The run says why; Tune, which wants the metric in a trial's last result, gets a
-        score of nothing, marked so the search never picks this recipe."""
+        """The run says why; Tune, which wants the metric in a trial's last result, gets a score of
+        nothing, marked so the search never picks this recipe."""
         from ray import tune as ray_tune
 
         record.set_outcome(self.run_id, "diverged", str(err))

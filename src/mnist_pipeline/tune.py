@@ -1,16 +1,12 @@
-"""`mnist-pipeline tune --variant NAME`: search the variant's recipe on Ray Tune.
+"""The search: a variant's recipe searched on Ray Tune, a parent run with a child run per trial.
 
     mnist-pipeline tune --variant ffn1_relu --samples 16              # Ray on this machine
     mnist-pipeline tune --variant ffn1_relu --address HOST:6379       # an existing cluster
     mnist-pipeline tune --variant ffn1_relu --apply                   # best recipe -> params.yaml
 
-Optuna's TPE (`ray.tune.search.optuna`) proposes recipes from params.yaml's `tune:` space; ASHA
-stops a trial whose validation accuracy falls behind at an epoch. Each trial runs the project's own
-training loop (`train.fit`) on the node Ray places it on, with the data from Ray's object store
-(put there once, checked where it is used), and records a child run of the search's run on the
-tracking store that MLFLOW_TRACKING_URI names. A trial never writes DVC's outputs; its kept
-weights go to Tune's checkpoint folder (one-off/tune/ unless --storage), and the best trial's
-become a logged model. Ray is imported here only: the other stages never pay for it.
+Optuna's TPE proposes recipes from params.yaml's `tune:` space; ASHA stops a trial whose
+validation accuracy falls behind. A trial writes no DVC output. Ray is imported inside the
+functions: the flags and params.yaml are checked before the seconds it takes to load.
 """
 
 from __future__ import annotations
@@ -24,10 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mnist_pipeline import paths
 from mnist_pipeline.config import Params, Recipe, SearchSpace
 from mnist_pipeline.dataset import Dataset, load_dataset
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.models import build_model
 from mnist_pipeline.record import search as record
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.trial import (
@@ -62,30 +61,21 @@ class SearchResult:
     run_id: str
     best_recipe: Recipe
     best_accuracy: float
-    trials: int
-    outcomes: dict[str, int]
-
-
-# --- the driver ---------------------------------------------------------------------------
 
 
 def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
-    """Search `variant`'s recipe; record the search as a parent run and each trial as a child."""
+    """Search `variant`'s recipe. Interrupted, the running trials end KILLED, the best so far is
+    recorded if there is one, and the search's run ends KILLED."""
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     _check_store_for_cluster(store.uri, address)
     data = load_dataset(root, params.data.dataset)
+    inputs = runs.training_inputs(
+        params.data, data.checksum, val_size=params.train.val_size, seed=params.train.seed
+    )
     description = _describe(space, options, variant)
-    split = {"val_size": params.train.val_size, "seed": params.train.seed}
-    inputs = runs.datasets(params.data, data.checksum, **split)
-    used = {
-        c: inputs[c] for c in ("training", "validation") if c != "validation" or split["val_size"]
-    }
-    with (
-        _ray(address, store.uri),
-        record.search_run(store, variant, description, used) as parent,
-    ):
+    with _ray(address, store.uri), record.search_run(store, variant, description, inputs) as parent:
         job = TrialJob(
             variant=variant,
             params=params,
@@ -97,14 +87,12 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
         outcomes = _trial_outcomes(store.experiment_id)
         grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
         if sum(outcomes.counts.values()) >= options.samples:
-            return _conclude(grid, job, outcomes, parent.info.run_id)
-        # Interrupted: the trials Tune left running are ended (the finished ones stay), the best
-        # so far is recorded if there is one, and the search's run ends KILLED.
+            return _conclude(grid, job, outcomes.counts)
         interrupted = ("interrupted", "KILLED")
         record.end_running_trials(store.experiment_id, parent.info.run_id, interrupted)
         result = None
         with contextlib.suppress(PipelineError):
-            result = _conclude(grid, job, outcomes, parent.info.run_id)
+            result = _conclude(grid, job, outcomes.counts)
         raise runs.EndRun("KILLED")
     done = f"; the best so far: MLflow run {result.run_id}" if result else ""
     raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
@@ -122,9 +110,8 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
 
 @contextlib.contextmanager
 def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
-    """Join the cluster at `address` (--address, or RAY_ADDRESS), else start Ray on this
-    machine; leave it (or stop it) at the end. Every worker gets the tracking URI in its
-    environment: a worker on another node has no project, and must not fall back to ./mlruns."""
+    """Join the cluster at `address`, else start Ray here; leave or stop it at the end. Every
+    worker gets the tracking URI: one on another node has no project to find ./mlflow.db in."""
     import ray
 
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
@@ -142,13 +129,11 @@ def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
 
 
 def _asha(space: SearchSpace) -> dict[str, int]:
-    """ASHA's settings (its time is Tune's training iteration: one per reported epoch), as the
-    scheduler takes them and the search's run records them."""
+    """ASHA's settings (its time unit: one reported epoch)."""
     return {"grace_period": 1, "reduction_factor": REDUCTION_FACTOR, "max_t": max(space.epochs)}
 
 
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
-    """The search's parameters, as its parent run logs them."""
     scheduler = "none (every trial runs all its epochs)"
     if options.early_stopping:
         asha = ", ".join(f"{k}={v}" for k, v in _asha(space).items())
@@ -168,8 +153,8 @@ def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[st
 def _tuner(
     job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
 ):
-    """Tune's Tuner: the trainable with the data in the object store (`with_parameters` puts it
-    there once; each node fetches it once), TPE behind a concurrency limit, ASHA, retries."""
+    """Tune's Tuner: the data put in the object store once (`with_parameters`), TPE behind a
+    concurrency limit, ASHA, retries, the best checkpoint kept."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -198,8 +183,8 @@ def _tuner(
             search_alg=search,
             scheduler=scheduler,
             num_samples=options.samples,
-            # A finished or stopped trial's worker takes the next trial: no new process to
-            # start and no torch and MLflow to import again (seconds per trial on 2 cores).
+            # A free worker takes the next trial: no process to start, no torch and MLflow to
+            # import again (seconds per trial on 2 cores).
             reuse_actors=True,
         ),
         run_config=ray_tune.RunConfig(
@@ -216,8 +201,8 @@ def _tuner(
 
 
 def _trial_outcomes(experiment_id: str):
-    """A Tune callback on the driver: what became of each trial, in its MLflow run. A trial that
-    ASHA stopped, or whose node died, never gets to end its own run: it is ended here."""
+    """A Tune callback on the driver, counting what became of each trial. A trial that ASHA
+    stopped, or whose node died, never ends its own MLflow run: it is ended here."""
     from ray import tune as ray_tune
 
     class Outcomes(ray_tune.Callback):
@@ -249,19 +234,16 @@ def _trial_outcomes(experiment_id: str):
     return Outcomes()
 
 
-def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult:
+def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
     """The best trial: its recipe and accuracy on the parent run, its kept weights a logged
-    model on its own run; a line per figure for the user."""
-    import torch
-
-    from mnist_pipeline.models import build_model
-
+    model of it; a line for the user."""
+    parent_run_id = job.parent_run_id
     best = _best_trial(grid)
     if best is None:
-        record.end_search(parent_run_id, outcomes.counts, best=None)
+        record.end_search(parent_run_id, counts, best=None)
         raise PipelineError(
             f"{job.variant}: no trial of the search reported a validation accuracy "
-            f"({_counted(outcomes.counts)}); see the runs under {parent_run_id}"
+            f"({_counted(counts)}); see the runs under {parent_run_id}"
         )
     result, checkpoint, accuracy = best
     recipe = recipe_for(job.params, job.variant, result.config)
@@ -270,32 +252,24 @@ def _conclude(grid, job: TrialJob, outcomes, parent_run_id: str) -> SearchResult
     if checkpoint is not None:
         model = build_model(job.variant, use_dropout=recipe.use_dropout)
         with checkpoint.as_directory() as folder:
-            model.load_state_dict(
-                torch.load(Path(folder) / paths.CHECKPOINT_FILE, map_location="cpu")
-            )
+            state = torch.load(Path(folder) / paths.CHECKPOINT_FILE, map_location="cpu")
+        model.load_state_dict(state)
         model_id = record.log_best_model(parent_run_id, model, values)
     chosen = {**values, "run_id": run_id, "model_id": model_id}
     best_params = {f"best.{k}": v for k, v in chosen.items()}
-    record.end_search(parent_run_id, outcomes.counts, best=best_params, accuracy=accuracy)
+    record.end_search(parent_run_id, counts, best=best_params, accuracy=accuracy)
     print(
         f"{job.variant}: best validation accuracy {accuracy:.4f} with lr {recipe.lr:.4g}, "
-        f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(outcomes.counts)}; "
+        f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(counts)}; "
         f"MLflow run {parent_run_id})"
     )
-    return SearchResult(
-        run_id=parent_run_id,
-        best_recipe=recipe,
-        best_accuracy=accuracy,
-        trials=sum(outcomes.counts.values()),
-        outcomes=dict(outcomes.counts),
-    )
+    return SearchResult(run_id=parent_run_id, best_recipe=recipe, best_accuracy=accuracy)
 
 
 def _best_trial(grid):
-    """(result, checkpoint, accuracy) of the trial whose kept epoch scored best, leaving out the
-    trials that diverged (their recipe would diverge in the pipeline too); None if none is left.
-    A trial reports a checkpoint whenever its validation accuracy improved: its best is its
-    kept epoch's."""
+    """(result, checkpoint, accuracy) of the trial whose kept epoch scored best, diverged trials
+    left out (their recipe would diverge in the pipeline too); None if none is left. A trial's
+    checkpoints are its improving epochs: its best is its kept epoch."""
     best = None
     for result in grid:
         if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):

@@ -1,24 +1,18 @@
-"""Agreement: the store made a faithful view of the pipeline's outputs (`mnist-pipeline sync`,
-the last stage of every `dvc repro`), and a run rebuilt from the outputs where the store has none.
+"""Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-For each variant's current checkpoint (known by its MD5, the run tag `checkpoint.md5`):
-
-- every FINISHED training run of those bytes, whichever host made it, carries the evaluation
-  read back from the DVC outputs (`record.evaluation`); a checkpoint no run trained gets one
-  rebuilt from the outputs, tagged `record.source=outputs`;
-- this host's runs of those bytes carry what this host measured of the three forms, and the
-  ONNX forms as child runs (`record.export`): once per host and checkpoint.
-
-Each part ends by tagging the run with the digest of the outputs it was made from, so a part is
-recorded once, and a second `sync` adds nothing. A no-op costs well under a second: the outputs'
-fingerprint is compared with the one this host's last sync left on the experiment, read from a
-local SQLite store without importing MLflow (this module imports the recording modules only
-when there is something to record).
+`mnist-pipeline sync`, the last stage of every `dvc repro`: for each variant's checkpoint (by its
+MD5, the runs' `checkpoint.md5` tag), every finished run of those bytes carries the evaluation
+read back from the outputs, and this host's runs what this host measured; a checkpoint no run
+trained gets a run rebuilt from the outputs. Each part tags the run with the digest of the outputs
+it came from, so it is recorded once. A no-op costs well under a second: the outputs' fingerprint
+is compared with this host's last, read from a local SQLite store without MLflow; the recording
+modules (MLflow, torch) are imported inside the functions, when there is work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,16 +23,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from mnist_pipeline import host, paths, tracking
-from mnist_pipeline.dataset import FILES, file_md5
+from mnist_pipeline.dataset import FILES, file_md5, read_idx
+from mnist_pipeline.models import count_parameters
 
 if TYPE_CHECKING:
     from mnist_pipeline.config import Params
 
 RECEIPT_TAG = "mnist_pipeline.synced"  # on the experiment, per host: the outputs last agreed
 LATENCY_ENV = "MNIST_PIPELINE_LATENCY"  # "off": measure the forms' accuracy only, not their speed
-
-
-# --- what the store must agree with: digests of the outputs ---------------------------------
 
 
 def outputs_digest(*files: Path | None) -> str | None:
@@ -53,8 +45,8 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 
 
 def measured_digest(outputs: paths.Outputs) -> str | None:
-    """What a run's `record.measured` tag says once its host measured the current exports (None:
-    nothing exported yet); the latency setting is part of it."""
+    """A run's `record.measured` tag once its host measured the current exports (None: nothing
+    exported yet), the latency setting included."""
     if outputs.export_dir is None:
         return None
     found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
@@ -65,15 +57,9 @@ def latency_on() -> bool:
     return os.environ.get(LATENCY_ENV, "on").lower() not in ("off", "0", "no", "false")
 
 
-# --- one variant ----------------------------------------------------------------------------
-
-
 def agree(store, training, test=None) -> list[str]:
-    """Make the store hold complete runs for the checkpoint in `training.outputs` (module
-    docstring). `test`: a callable giving the test set (x, y) for measuring, loaded at most once
-    per process. Returns what was done (nothing, when the store already agrees)."""
-    # The recording modules import MLflow (and evaluation, matplotlib): only a sync with
-    # something to record pays for them.
+    """Make the store hold complete runs for the checkpoint in `training.outputs`; `test` gives
+    the test set (x, y) to measure on. Returns what was done (nothing: the store agreed)."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
 
@@ -85,10 +71,11 @@ def agree(store, training, test=None) -> list[str]:
     wanted = evaluation_digest(outputs)
     stale = [r for r in runs if wanted and r.data.tags.get(evaluation.EVALUATION_TAG) != wanted]
     if stale:
-        with tempfile.TemporaryDirectory() as folder:
-            found = evaluation.read_evaluation(store, training, Path(folder))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            figures = evaluation.read_evaluation(store, training, folder)
             for run in stale:
-                line = evaluation.record_evaluation(store, run, training, found)
+                line = evaluation.record_evaluation(store, run, training, figures, folder)
                 done.append(f"{run.info.run_name}: {line}")
     wanted = measured_digest(outputs)
     mine = [
@@ -108,10 +95,8 @@ def agree(store, training, test=None) -> list[str]:
 
 
 def rebuild(store, training):
-    """A run for a checkpoint no run in this store trained (a fresh store, a store that failed
-    mid-run, outputs from DVC's cache or a colleague): the recipe, per-epoch history, summary and
-    model from the outputs, tagged `record.source=outputs`."""
-    from mnist_pipeline.models import count_parameters
+    """A run for a checkpoint no run in this store trained (a fresh store, one that failed mid-run,
+    outputs from DVC's cache or a colleague), made from the outputs."""
     from mnist_pipeline.record import training as record
 
     recipe, checksum = training.recipe, training.checksum
@@ -123,8 +108,8 @@ def rebuild(store, training):
 
 
 def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
-    """The completely logged runs that trained a checkpoint with these bytes, on any host:
-    this host's first, then the newest."""
+    """The complete runs that trained a checkpoint of these bytes, this host's first, then the
+    newest."""
     runs = tracking.client().search_runs(
         [experiment_id],
         filter_string=f"tags.`checkpoint.md5` = '{checkpoint_md5}' "
@@ -136,30 +121,23 @@ def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
 
 def _test_set(store):
     """A loader of the test images and labels, run at most once."""
-    cache = {}
 
+    @functools.cache
     def load():
-        if "xy" not in cache:
-            import torch
+        import torch
 
-            from mnist_pipeline.dataset import read_idx
-            from mnist_pipeline.device import as_float
+        from mnist_pipeline.device import as_float
 
-            folder = paths.data_dir(store.root, store.dataset)
-            x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
-            cache["xy"] = (x, read_idx(folder / FILES[3]).long().numpy())
-        return cache["xy"]
+        folder = paths.data_dir(store.root, store.dataset)
+        x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
+        return x, read_idx(folder / FILES[3]).long().numpy()
 
     return load
 
 
-# --- every variant: `mnist-pipeline sync` ----------------------------------------------------
-
-
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
-    """Make the store agree with every variant's pipeline outputs. Cheap when it already does
-    (the receipt); `verify` looks at every run. Returns the number of variants whose record
-    changed."""
+    """Make the store agree with every variant's outputs; cheap when it does (the receipt), unless
+    `verify`. Returns the number of variants whose record changed."""
     outputs = {v: paths.pipeline_outputs(root, v) for v in params.variants}
     outputs = {v: o for v, o in outputs.items() if o.checkpoint.is_file()}
     uri = tracking.tracking_uri(root)
@@ -198,8 +176,8 @@ def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
 
 def _receipt(uri: str, experiment: str) -> str | None:
     """The fingerprint this host's last sync left on `experiment`, read straight from a local
-    SQLite store (importing MLflow costs seconds, more than a no-op `dvc repro` may); None
-    elsewhere, or whenever anything is unexpected: the full check then runs."""
+    SQLite store (importing MLflow costs seconds); None elsewhere, or when anything is unexpected:
+    the full check runs."""
     if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
     path = Path(unquote(uri[len("sqlite:///") :]))

@@ -1,9 +1,8 @@
-"""The evaluation record and the registry: from metrics/test/<variant>.json and the predictions
-beside it, a run's test metrics (linked to its logged model and the test set), its confusion
-matrix, per-class table and misclassified examples; and the checkpoint as a version of the
-registered model `<dataset>-<variant>`, whose alias `champion` moves only to a better model.
+"""The evaluation record and the registry.
 
-    models:/mnist-mlp512_relu@champion      # the best mlp512_relu so far, on any host
+From the evaluate stage's outputs: a run's test metrics (linked to its logged model and the test
+set), confusion matrix, per-class table and misclassified examples; and the checkpoint as a
+version of `<dataset>-<variant>`, whose alias `champion` moves only to a better model.
 """
 
 from __future__ import annotations
@@ -11,19 +10,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
+import numpy as np
 from mlflow.exceptions import MlflowException
 
 from mnist_pipeline import metrics, paths, plots, tracking
 from mnist_pipeline.dataset import FILES, read_idx
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.record.agree import evaluation_digest
-from mnist_pipeline.record.training import CHECKPOINT_TAG, FORM_TAG, Training, rounded
+from mnist_pipeline.record.training import CHECKPOINT_TAG, FORM_TAG, Training, as_metrics
 
 EVALUATION_TAG = "record.evaluation"  # digest of the evaluation outputs recorded
 ALIAS = "champion"
@@ -32,18 +29,9 @@ HOSTS_TAG = "hosts"  # a version: every host whose run wrote its checkpoint's by
 DEVICES_TAG = "devices"  # and the devices they trained on
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """The evaluation outputs of one checkpoint, read once: the figures (the file's, and what
-    the predictions add: macro precision and recall, per class) and the artifacts, drawn once
-    for every run that trained those bytes."""
-
-    figures: dict[str, float]
-    artifacts: Path
-
-
-def read_evaluation(store: runs.Store, training: Training, folder: Path) -> Evaluation:
-    """The figures and artifacts of `training`'s evaluation outputs, drawn into `folder`."""
+def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict[str, float]:
+    """The figures of `training`'s evaluation outputs (the file's, and what the predictions add),
+    and its artifacts drawn into `folder`: once for every run of those bytes."""
     outputs = training.outputs
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
@@ -53,30 +41,25 @@ def read_evaluation(store: runs.Store, training: Training, folder: Path) -> Eval
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "test_metrics.json").write_text(json.dumps(figures, indent=2))
     (folder / "per_class.csv").write_text(metrics.per_class_csv(cm))
-    rows = (",".join(str(v) for v in row) for row in cm.tolist())
-    (folder / "confusion_matrix.csv").write_text("\n".join(rows) + "\n")
+    np.savetxt(folder / "confusion_matrix.csv", cm.numpy(), fmt="%d", delimiter=",")
     plots.confusion_matrix(cm, folder / "confusion_matrix.png", title=training.variant)
     plots.misclassified(images, y, pred, folder / "misclassified.png", title=training.variant)
-    return Evaluation(figures, folder)
+    return figures
 
 
-def record_evaluation(store: runs.Store, run, training: Training, evaluation: Evaluation) -> str:
-    """Into `run`: the test metrics, linked to its logged model and the test set, the
-    artifacts, a registered version. Returns a line saying what was done."""
+def record_evaluation(
+    store: runs.Store, run, training: Training, figures: dict, folder: Path
+) -> str:
+    """Into `run`: the test metrics (linked to its logged model and the test set), the artifacts
+    in `folder`, a registered version. Returns a line saying what was done."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     runs.log_datasets(run_id, {"evaluation": test_set})
     model_id = torch_model_id(run)
-    now = int(time.time() * 1000)
-    linked = {
-        "model_id": model_id,
-        "dataset_name": test_set.name,
-        "dataset_digest": test_set.digest,
-    }
-    figures = evaluation.figures
-    shown = {k: rounded(v) for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, **linked) for k, v in shown.items()])
-    client.log_artifacts(run_id, str(evaluation.artifacts), artifact_path="evaluation")
+    link = {"model_id": model_id, "dataset_name": test_set.name, "dataset_digest": test_set.digest}
+    shown = {k: v for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
+    client.log_batch(run_id, metrics=as_metrics(shown, **link))
+    client.log_artifacts(run_id, str(folder), artifact_path="evaluation")
     line = "evaluation recorded"
     if model_id is not None:
         line += "; " + register(client, run, model_id, store.dataset, figures["test/accuracy"])
@@ -94,15 +77,11 @@ def torch_model_id(run) -> str | None:
     return found[0].model_id if found else None
 
 
-# --- the registry -----------------------------------------------------------------------------
-
-
 def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
-    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes: a second
-    host that wrote the same bytes is added to the version's hosts), and the champion alias if
-    it beats the current one. A version made under `dvc exp run` never becomes the first
-    champion: the baseline's (the pipeline run of a commit) is registered first, so an
-    experiment competes with it. Returns a line saying what happened."""
+    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes, listing every
+    host that wrote them), and the champion alias if it beats the current one. A version made
+    under `dvc exp run` never becomes the first champion: an experiment competes with its
+    baseline's. Returns a line saying what happened."""
     tags = run.data.tags
     name = f"{dataset}-{tags['variant']}"
     version = _version(client, name, model_id, tags)
@@ -132,8 +111,7 @@ def _joined(listed: str | None, one: str) -> list[str]:
 def _promote(client, name: str, version, accuracy: float, tags: dict) -> str:
     """Move the champion alias to `version` if it beats the champion; say where it is."""
     experiment = tags.get(runs.EXP_NAME_TAG)
-    # Two hosts evaluating at once may both try to set the alias; the store refuses the second
-    # (a unique key), which then looks at the champion again.
+    # Two hosts evaluating at once race to set the alias: the loser looks at the champion again.
     for attempt in range(3):
         champion, best = _champion(client, name)
         if champion is None:
@@ -156,8 +134,7 @@ def _promote(client, name: str, version, accuracy: float, tags: dict) -> str:
 
 
 def _version(client, name: str, model_id: str, tags: dict):
-    """The version of these checkpoint bytes (found by its MD5 tag), else a new one of
-    `model_id`, with the registered model created if need be."""
+    """The version of these checkpoint bytes (by its MD5 tag), else a new one of `model_id`."""
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -178,8 +155,8 @@ def _version(client, name: str, model_id: str, tags: dict):
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.tags.get(CHECKPOINT_TAG) == md5 or version.source == f"models:/{model_id}":
             return version
-    # MLflow's own registration also links the version to the logged model (the Models tab's
-    # "Registered models" column); its lines on stderr repeat what `register` returns.
+    # MLflow's own registration links the version to the logged model; its stderr lines repeat
+    # what `register` returns.
     with contextlib.redirect_stderr(io.StringIO()):
         return mlflow.register_model(f"models:/{model_id}", name)
 
@@ -198,7 +175,6 @@ def _description(tags: dict, accuracy: float, hosts: list[str]) -> str:
 
 
 def _champion(client, name: str):
-    """The champion version and its test accuracy, or (None, -1)."""
     try:
         champion = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:

@@ -1,92 +1,78 @@
-"""The export record: what this host measured of a checkpoint's three forms, on this host's run,
-and each exported form (ONNX fp32, int8) as a child run of it holding its logged model.
+"""The export record: this host's figures of the three forms, and the ONNX forms as child runs.
 
-MLflow links a logged model's metrics through a run, and a run keeps every value it is given
-under a name: so the training run holds the PyTorch form's figures under the shared names
-(`test/accuracy`, `inference/latency_b1_ms`, ...) and the other forms' under their own
-(`int8/test/accuracy`, ...), and each form's child run holds its figures under the shared
-names, linked to its logged model: the Models tab lines every form up in one column, and no
-run's history mixes two forms.
+A run keeps one value per metric name: so the training run holds the PyTorch form's figures under
+the shared names (`test/accuracy`, ...) and the others' under their own (`int8/test/accuracy`),
+and each ONNX form's child run its figures under the shared names, linked to its logged model:
+the Models tab lines the forms up in one column. ONNX and ONNX Runtime are imported inside the
+functions that use them: an evaluation-only sync does without.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 
 from mnist_pipeline import host, tracking
+from mnist_pipeline.device import resolve_device
 from mnist_pipeline.export import QUANTISATION
+from mnist_pipeline.models import inference_model
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.record.agree import latency_on, measured_digest
 from mnist_pipeline.record.evaluation import torch_model_id
-from mnist_pipeline.record.training import FORM_TAG, Training, log_model, rounded
+from mnist_pipeline.record.training import FORM_TAG, Training, as_metrics, log_model
 
 MEASURED_TAG = "record.measured"  # the export outputs this run's host measured
 ONNX_FORMS = ("onnx", "int8")
+SHARED_NAMES = {  # a form's figure -> the name every form shares
+    "accuracy": "test/accuracy",
+    "accuracy_b1": "test/accuracy_b1",
+    "latency_b1_ms": "inference/latency_b1_ms",
+    "latency_b1_p95_ms": "inference/latency_b1_p95_ms",
+    "throughput_b256": "inference/throughput_b256",
+}
 
 
 def measure(training: Training, test) -> dict:
-    """This host's figures for the checkpoint's three forms (`measure.measure`) on the test
-    set `test` = (x, y), or the forms' accuracy alone where latency is turned off."""
+    """This host's figures for the checkpoint's three forms on the test set `test` = (x, y)."""
     from mnist_pipeline import measure as host_figures
-    from mnist_pipeline.device import resolve_device
-    from mnist_pipeline.models import inference_model
 
     outputs = training.outputs
     models = {"onnx": outputs.onnx.read_bytes(), "int8": outputs.int8.read_bytes()}
     device = resolve_device("auto")
     served = inference_model(training.checkpoint[0])
-    latency = latency_on()
-    figures = host_figures.measure(served, models, *test, device, latency=latency)
+    figures = host_figures.measure(served, models, *test, device, latency=latency_on())
     return {"forms": figures, "conditions": host_figures.conditions(device)}
 
 
 def record_export(store: runs.Store, run, training: Training, measured: dict) -> str:
     """Into this host's `run`: every form's figures, and a child run per ONNX form with its
     logged model (made once: a run measured again gets new figures only)."""
-    client, run_id, now = tracking.client(), run.info.run_id, int(time.time() * 1000)
+    client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     sizes = json.loads(training.outputs.export_metrics.read_text())
     forms = measured["forms"]
-    mine = {"torch": torch_model_id(run)}
-    children = _form_runs(store, run, training, sizes)
-    mine |= {form: model_id for form, (_, model_id) in children.items()}
+    model_ids = {"torch": torch_model_id(run)}
+    children = _form_runs(store, run, training)
+    model_ids |= {form: model_id for form, (_, model_id) in children.items()}
     metrics = []
     for form in ("torch", *ONNX_FORMS):
-        shared = _shared_names(forms.get(form, {}))
+        figures = forms.get(form, {})
+        shared = {SHARED_NAMES[k]: v for k, v in figures.items() if k in SHARED_NAMES}
         shared["model/size_bytes"] = sizes[f"{form}/bytes"]
-        link = {
-            "model_id": mine[form],
-            "dataset_name": test_set.name,
-            "dataset_digest": test_set.digest,
-        }
+        link = {"dataset_name": test_set.name, "dataset_digest": test_set.digest}
+        linked = as_metrics(shared, model_id=model_ids[form], **link)
         if form == "torch":
-            metrics += [Metric(k, rounded(v), now, 0, **link) for k, v in shared.items()]
+            metrics += linked
             continue
-        metrics += [Metric(f"{form}/{k}", rounded(v), now, 0) for k, v in shared.items()]
-        child_id = children[form][0]
-        child = [Metric(k, rounded(v), now, 0, **link) for k, v in shared.items()]
-        client.log_batch(child_id, metrics=child)
+        metrics += as_metrics({f"{form}/{k}": v for k, v in shared.items()})
+        client.log_batch(children[form][0], metrics=linked)
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, measured, "inference/measured.json")
     client.set_tag(run_id, MEASURED_TAG, measured_digest(training.outputs))
     shown = ", ".join(f"{f} {_line(forms.get(f, {}))}" for f in ("torch", *ONNX_FORMS))
     return f"measured on {host.host_label()}: {shown}"
-
-
-def _shared_names(figures: dict) -> dict[str, float]:
-    """A form's figures under the names every form shares."""
-    names = {
-        "accuracy": "test/accuracy",
-        "accuracy_b1": "test/accuracy_b1",
-        "latency_b1_ms": "inference/latency_b1_ms",
-        "latency_b1_p95_ms": "inference/latency_b1_p95_ms",
-        "throughput_b256": "inference/throughput_b256",
-    }
-    return {names[k]: v for k, v in figures.items() if k in names}
 
 
 def _line(figures: dict) -> str:
@@ -99,7 +85,7 @@ def _line(figures: dict) -> str:
     return " ".join(parts) or "-"
 
 
-def _form_runs(store: runs.Store, run, training: Training, sizes: dict) -> dict:
+def _form_runs(store: runs.Store, run, training: Training) -> dict:
     """{form: (child run id, logged model id)} for the ONNX forms: found, or made."""
     client = tracking.client()
     found = client.search_runs(

@@ -1,19 +1,19 @@
-"""A search's runs (`mnist-pipeline tune`): a parent run per search and a child run per trial,
-kept apart from the pipeline's runs: their own names and kinds (`run.kind` search and trial),
-and the variant under `search.variant`, so that grouping the runs by `variant` shows pipeline
-runs only."""
+"""A search's runs: a parent per search and a child per trial.
+
+Kept apart from the pipeline's: own names, `run.kind` search or trial, the variant under
+`search.variant` (grouping by `variant` shows pipeline runs only).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import time
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 
 from mnist_pipeline import host, tracking
 from mnist_pipeline.errors import first_line
 from mnist_pipeline.record import store as runs
-from mnist_pipeline.record.training import log_model, rounded
+from mnist_pipeline.record.training import as_metrics, log_model
 
 OUTCOME_TAG = "tune.outcome"  # completed | stopped-early | diverged | failed | retried
 TRIAL_TAG = "tune.trial_id"
@@ -21,8 +21,7 @@ VARIANT_TAG = "search.variant"
 
 
 def search_tags(store: runs.Store, variant: str, kind: str) -> dict[str, str]:
-    """The tags of a search's runs (`kind`: search or trial): the pipeline's, with the variant
-    moved under its own key."""
+    """A search's runs' tags (`kind`: search or trial): the pipeline's, the variant moved."""
     tags = runs.shared_tags(store, variant=variant, kind=kind)
     tags[VARIANT_TAG] = tags.pop("variant")
     return tags
@@ -30,8 +29,7 @@ def search_tags(store: runs.Store, variant: str, kind: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def search_run(store: runs.Store, variant: str, description: dict[str, str], inputs: dict):
-    """The search's parent run, on the driver: its parameters (space, algorithm, scheduler) and
-    the data its trials train on (`inputs`: dataset inputs by context), logged first."""
+    """The search's parent run, on the driver, its settings and data (`inputs`) logged first."""
     tags = search_tags(store, variant, "search") | {
         "host": host.host_label(),
         "hostname": host.machine_tags()["hostname"],
@@ -58,9 +56,8 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
 
 
 def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
-    """End the runs of trial `trial_id` still RUNNING (their process stopped, or died, before it
-    could) with `how` = (outcome, status), unless the trial said it completed: such a run ends
-    FINISHED. Returns the outcome of its latest run."""
+    """End trial `trial_id`'s runs still RUNNING (their process stopped or died first) with `how`
+    = (outcome, status), or FINISHED where the trial said it completed; its latest outcome."""
     client = tracking.client()
     found = client.search_runs(
         [experiment_id],
@@ -80,7 +77,6 @@ def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> st
 
 
 def end_running_trials(experiment_id: str, parent_run_id: str, how: tuple[str, str]) -> None:
-    """End the search's trial runs still RUNNING with `how` = (outcome, status)."""
     client = tracking.client()
     running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
     for run in client.search_runs([experiment_id], running):
@@ -89,17 +85,15 @@ def end_running_trials(experiment_id: str, parent_run_id: str, how: tuple[str, s
 
 
 def log_best_model(parent_run_id: str, model, recipe: dict) -> str:
-    """The best trial's kept weights as the logged model of the search's run."""
     run = tracking.client().get_run(parent_run_id)
     variant = run.data.tags[VARIANT_TAG]
     return log_model(run, model, "torch", {"variant": variant, **recipe})
 
 
 def end_search(run_id: str, counts: dict[str, int], *, best: dict | None, accuracy=None) -> None:
-    """The search's outcome on its parent run: trial counts, the best recipe and accuracy."""
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"trials/{k}", v, now, 0) for k, v in counts.items()]
+    figures = {f"trials/{k}": v for k, v in counts.items()}
     if accuracy is not None:
-        metrics.append(Metric("best/val_accuracy", rounded(accuracy), now, 0))
+        figures["best/val_accuracy"] = accuracy
+    metrics = as_metrics(figures)
     params = [Param(k, str(v)) for k, v in (best or {}).items()]
     tracking.client().log_batch(run_id, metrics=metrics, params=params)

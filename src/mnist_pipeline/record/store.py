@@ -1,5 +1,4 @@
-"""The store and the run lifecycle: the experiment made ready, a run started and ended with the
-right status, the tags and description every run carries, and the data as dataset inputs."""
+"""The store and the run lifecycle: experiment, a run's start and end, tags, dataset inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mnist_pipeline import host, tracking
 
@@ -30,8 +33,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens 
 
 @dataclass(frozen=True)
 class Store:
-    """A tracking store, reachable, with the data set's experiment in it: `mlflow`'s current
-    one from here on, which every `tracking.client()` reaches."""
+    """A reachable tracking store holding the data set's experiment: `mlflow`'s current one from
+    here on, which every `tracking.client()` reaches."""
 
     uri: str
     experiment_id: str
@@ -52,9 +55,8 @@ def open_store(root: Path, dataset: str) -> Store:
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
-    """Give the experiment a description and mark it a model-training experiment, once (a
-    user's own edits are kept). MLflow 3's UI opens an experiment of unknown kind on its GenAI
-    (traces) overview; this kind opens on the training runs."""
+    """A description, and the kind that makes MLflow 3's UI open on the training runs rather than
+    its GenAI overview; each set once (a user's own edits are kept)."""
     experiment = mlflow.get_experiment(experiment_id)
     note = (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
@@ -70,22 +72,21 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
     for key, value in tags.items():
         if key in experiment.tags:
             continue
-        # Two jobs on a new experiment (a queued sweep) write the tag at the same moment and the
-        # store's unique key refuses one: the other's tag is there, and this is cosmetic.
+        # Two jobs on a new experiment (a queued sweep) race to set it; the loser's is cosmetic.
         with contextlib.suppress(MlflowException):
             tracking.client().set_experiment_tag(experiment_id, key, value)
 
 
 @functools.cache
 def mlflow_run_parent() -> str | None:
-    """Under `mlflow run`, MLflow has started a run and exported its id: runs recorded here become
-    its children. Taken out of the environment once, or `mlflow.start_run` would resume it."""
+    """The run `mlflow run` started, whose children our runs become: taken out of the
+    environment once, or `mlflow.start_run` would resume it."""
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
-    """The tags of a run that do not depend on the machine: what, of which kind, from which
-    code, data and DVC experiment. A search's trials take the driver's: a node has no project."""
+    """A run's tags that do not depend on the machine: what, of which kind, from which code, data
+    and DVC experiment. A search's trials take the driver's: a node has no project."""
     tags = {
         "variant": variant,
         "git.commit": host.git_commit(store.root),
@@ -94,17 +95,15 @@ def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
     }
     if stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = stage
-    # `dvc exp run` (queued or not) names the experiment and its baseline commit for the stages.
-    if name := os.environ.get("DVC_EXP_NAME"):
+    if name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`, queued or not
         tags[EXP_NAME_TAG] = name
         tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
     return tags
 
 
 def describe_run(tags: dict, recipe: dict, checksum: str) -> str:
-    """The run's description (Markdown, shown on its page), from its tags: variant, recipe,
-    data, commit, and the DVC experiment it belongs to (with how to bring it into the
-    workspace)."""
+    """The run's description (Markdown) from its tags: variant, recipe, data, commit, and its DVC
+    experiment with how to bring it into the workspace."""
     shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
     text = (
         f"**{tags['variant']}** on host `{tags['host']}` ({tags.get('device', 'unknown')}).\n\n"
@@ -137,9 +136,8 @@ def started_run(
     system_metrics: bool = False,
     parent_run_id: str | None = None,
 ):
-    """A new run `name`, ended FINISHED, FAILED on an error, or KILLED on Ctrl-C or SIGTERM.
-    A store that fails at the end is a warning: what matters is saved locally. Its parent is
-    `parent_run_id`, else the run `mlflow run` started, if any."""
+    """A new run, a child of `parent_run_id` or of `mlflow run`'s, ended FINISHED, FAILED on an
+    error, KILLED on Ctrl-C or SIGTERM. A store that fails at the end is only a warning."""
     if system_metrics:
         if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
             # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
@@ -171,13 +169,9 @@ def started_run(
 
 
 def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
-    """The data set as MLflow dataset inputs, by context: `training`, `validation` (the held-out
-    split: its size and seed are part of the digest) and `evaluation` (the test set). Each digest
-    derives from the content checksum, so runs on the same data show the same digest on any host;
-    the source is the data set's first public mirror."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-
+    """The data as MLflow dataset inputs by context: `training`, `validation` (its size and seed
+    in the digest) and `evaluation`. Digests derive from the content checksum: the same on any
+    host. The source is the data set's first public mirror."""
     dataset = data.dataset
     mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
     source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
@@ -194,20 +188,20 @@ def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> di
     }
 
 
+def training_inputs(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
+    """The dataset inputs a training uses: `training`, and `validation` when there is a split."""
+    found = datasets(data, checksum, val_size=val_size, seed=seed)
+    return {c: found[c] for c in ("training", "validation") if c == "training" or val_size}
+
+
 # How a store refuses a second insert of the same key: PostgreSQL (psycopg), SQLite, MySQL.
 _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry")
 
 
 def log_datasets(run_id: str, found: dict, client=None) -> None:
-    """Log dataset inputs {context: dataset} to a run.
-
-    Two hosts (or two queued jobs) starting on the same data at once race in MLflow's store: it
-    looks the datasets up, then inserts the missing ones, and the second insert breaks the unique
-    key (experiment, name, digest). The store rolls that call back whole, so trying again finds
-    the other host's dataset and links it."""
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
+    """Log dataset inputs {context: dataset} to a run. Two hosts logging the same new data at
+    once race in MLflow's store (look up, then insert), and the second insert breaks the unique
+    key; the store rolls that call back whole, so trying again links the other's dataset."""
     inputs = [
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, ds in found.items()

@@ -1,11 +1,14 @@
-"""The training record: a live run around the training (recipe, data, each epoch as it ends,
-system metrics, timings), then, from the outputs, the summary, the logged model and the
-checkpoint's MD5, the tag that says the record is complete. A run rebuilt from the outputs
-gets the same record without the timings."""
+"""The training record: the live run around a training, and its record from the outputs.
+
+The live run gets the recipe, data, each epoch as it ends, system metrics and timings; then, from
+the outputs, the summary, the logged model, and last the checkpoint's MD5, which marks the record
+complete. A run rebuilt from the outputs gets the same record without the timings.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import statistics
 import sys
@@ -15,7 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import numpy as np
+import torch
 from mlflow.entities import LoggedModelOutput, Metric, Param
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from mnist_pipeline import checkpoint, host, paths, tracking
 from mnist_pipeline.dataset import file_md5
@@ -31,15 +38,21 @@ FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
 
 
 def rounded(value: float) -> float:
-    """Six decimals (the DVC metrics files' precision), whole numbers from 1,000 up (images per
-    second): figures the UI's tables show as they are, not with seventeen digits."""
+    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: what the UI's tables
+    show as it is, not with seventeen digits."""
     return float(round(value)) if abs(value) >= 1000 else round(value, 6)
+
+
+def as_metrics(figures: dict[str, float], step: int = 0, **link: str | None) -> list[Metric]:
+    """`figures`, rounded, as MLflow metrics at `step`; `link`: model_id, dataset_name/_digest."""
+    now = int(time.time() * 1000)
+    return [Metric(k, rounded(v), now, step, **link) for k, v in figures.items()]
 
 
 @dataclass(frozen=True)
 class Training:
-    """What a training record is made of: the variant's outputs and the data they came from. The
-    recipe and settings are the checkpoint's own (a one-off's differ from params.yaml's)."""
+    """A training record's makings: the variant's outputs and the data they came from. The recipe
+    and settings are the checkpoint's own (a one-off's differ from params.yaml's)."""
 
     variant: str
     outputs: paths.Outputs
@@ -70,8 +83,8 @@ class Training:
 
 @dataclass
 class EpochLogger:
-    """Logs each epoch's metrics to run `run_id`, in one batched call. If the store fails
-    mid-run, training goes on (its results are saved locally) and the first error is kept."""
+    """Logs each epoch's metrics to run `run_id` in one call. A store that fails mid-run is a
+    warning (training goes on, its results are saved locally); the first error is kept."""
 
     run_id: str
     error: str | None = None
@@ -79,10 +92,8 @@ class EpochLogger:
     def __call__(self, row: dict[str, float], epoch: int) -> None:
         if self.error is not None:
             return
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, rounded(v), now, epoch) for k, v in row.items()]
         try:
-            tracking.client().log_batch(self.run_id, metrics=metrics)
+            tracking.client().log_batch(self.run_id, metrics=as_metrics(row, epoch))
         except Exception as err:
             self.error = first_line(err)
             print(
@@ -93,21 +104,16 @@ class EpochLogger:
 
 
 def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checksum: str, extra):
-    """The recipe (with the training settings) as params, and the data it trained on, of
-    content `checksum`, as dataset inputs: known before training. `extra`: what else the run
-    knows."""
+    """The recipe with the training settings (and `extra`) as params, the data as dataset inputs."""
     values = {"variant": variant, **recipe, **extra}
     tracking.client().log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     split = {"val_size": recipe.get("val_size", 0), "seed": recipe.get("seed", 0)}
-    inputs = runs.datasets(data, checksum, **split)
-    used = ("training", "validation") if split["val_size"] else ("training",)
-    runs.log_datasets(run_id, {c: inputs[c] for c in used})
+    runs.log_datasets(run_id, runs.training_inputs(data, checksum, **split))
 
 
 def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device=None):
-    """A new run for `training` with `recipe`, on data of content `checksum`: live (timed, with
-    system metrics) on a `torch.device`, or rebuilt from the outputs (`device` None: no timings,
-    none invented)."""
+    """A new run for `training`: live (timed, with system metrics) on a `torch.device`, or
+    rebuilt from the outputs (`device` None: no timings, none invented)."""
     live = device is not None
     kind = "one-off" if training.outputs.one_off else "pipeline"
     tags = host.machine_tags(device) | runs.shared_tags(store, variant=training.variant, kind=kind)
@@ -123,8 +129,7 @@ def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: st
 
 
 def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
-    """What only a live run knows: how long training took (medians over the epochs: the first
-    pays for warm-up; what `compare` shows)."""
+    """What only a live run knows: how long training took (medians: the first epoch warms up)."""
     seconds = [row["time/epoch_seconds"] for row in history]
     figures = {
         "time/train_seconds": sum(seconds),
@@ -133,21 +138,18 @@ def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
             row["time/samples_per_second"] for row in history
         ),
     }
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, rounded(v), now, 0) for k, v in figures.items()]
-    tracking.client().log_batch(run_id, metrics=metrics)
+    tracking.client().log_batch(run_id, metrics=as_metrics(figures))
 
 
 def record_training(run_id: str, training: Training, *, live: bool = False) -> str:
-    """From the outputs, into run `run_id`: the summary, the per-epoch history (a live run
-    logged it as it went), the logged model (its figures are linked by the evaluation and
-    export records; linking the kept epoch's would send the store points it holds already), and
+    """From the outputs into run `run_id`: the summary, the history (a live run logged it as it
+    went), the logged model (its figures are linked by the evaluation and export records), and
     last the checkpoint's MD5. Returns the logged model's id."""
     model, meta = training.checkpoint
     kept_epoch = meta.get("epoch")
     client = tracking.client()
     client.log_text(run_id, summary_text(model), "model_summary.txt")
-    if not live:  # a live run logged each epoch as it went
+    if not live:
         history = EpochLogger(run_id)
         for epoch, row in read_history(training.outputs.history).items():
             history(row, epoch)
@@ -166,36 +168,24 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
 
 
 def read_history(path: Path) -> dict[int, dict[str, float]]:
-    """The per-epoch rows of a history CSV (plots/train/<variant>.csv): epoch -> metrics."""
+    """A history CSV's rows (plots/train/<variant>.csv): epoch -> metrics."""
     if not path.is_file():
         return {}
-    lines = path.read_text().splitlines()
-    header, rows = lines[0].split(","), {}
-    for line in lines[1:]:
-        values = dict(zip(header, line.split(","), strict=True))
-        epoch = int(values.pop("epoch"))
-        rows[epoch] = {k: float(v) for k, v in values.items() if v}
-    return rows
-
-
-# --- the logged model ------------------------------------------------------------------------
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {int(row.pop("epoch")): {k: float(v) for k, v in row.items() if v} for row in rows}
 
 
 def model_name(run, form: str) -> str:
-    """`ffn1_relu-int8@gpu-box-1a2b3c4d`: variant, form, host and run, so that no two logged
-    models share a name in the Models tab."""
+    """`ffn1_relu-int8@gpu-box-1a2b3c4d`: no two logged models share a name in the Models tab."""
     tags = run.data.tags
     variant = tags.get("variant") or tags.get("search.variant")
     return f"{variant}-{form}@{tags.get('host', 'unknown')}-{run.info.run_id[:8]}"
 
 
-def signature():
-    """Input: float32 images (-1, 1, 28, 28) in [0, 1]; output: float32 probabilities (-1, 10).
-    Unnamed tensors: MLflow's PyTorch flavour serves a plain array (`{"inputs": [...]}`)."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
+def signature() -> ModelSignature:
+    """float32 images (-1, 1, 28, 28) in, float32 probabilities (-1, 10) out; unnamed tensors:
+    MLflow's PyTorch flavour serves a plain array (`{"inputs": [...]}`)."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -203,16 +193,11 @@ def signature():
 
 
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
-    """Log `model` (`form` torch: an nn.Sequential, logged in its served form; onnx or int8: an
-    ONNX model) as a logged model of `run`, tagged with its form and named after `named_after`
-    (a form's child run: its training run), else `run`; its id.
-
-    Called with no run active (the live run has ended): MLflow links every unlinked step-0
-    metric of the active run (system metrics, timings) to a model logged under it; the figures
-    that belong to the model are linked by the caller. The flavours are imported here: each
-    imports its framework (torch, onnx), which a sync with nothing to log never needs."""
-    import numpy as np
-
+    """Log `model` (torch: an nn.Sequential, logged in its served form; onnx or int8: an ONNX
+    model) as a logged model of `run`, named after `named_after` (a form's child run: its
+    training run) or `run`; its id. Called with no run active: MLflow would link every unlinked
+    metric of the active run to it. The flavours are imported here: an evaluation-only sync never
+    needs them, nor ONNX."""
     name = model_name(named_after or run, form)
     logged = mlflow.initialize_logged_model(
         name=name,
@@ -229,7 +214,6 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
         "input_example": np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
     }
     if form == "torch":
-        import torch
         from mlflow import pytorch as flavour
 
         # Stated: inferring requirements loads the model in a fresh environment (seconds).
@@ -254,16 +238,14 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
 
 @dataclass
 class Live:
-    """The live run of a training, and where its epochs go."""
-
     run: Any
     log_epoch: EpochLogger
 
 
 @contextlib.contextmanager
 def live_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device, extra):
-    """The run around a training on `device`: tags and description, then the recipe and data;
-    each epoch through `Live.log_epoch`; ended FINISHED, FAILED or KILLED (`store.started_run`)."""
+    """The run around a training on `device`, its recipe and data logged first; each epoch goes
+    through `Live.log_epoch`."""
     with new_run(store, training, recipe=recipe, checksum=checksum, device=device) as run:
         log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
         yield Live(run, EpochLogger(run.info.run_id))
