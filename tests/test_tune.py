@@ -139,7 +139,7 @@ def test_a_diverging_trial_is_reported_and_the_search_goes_on(tiny_data, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no trial of the search reported a validation accuracy (2 diverged)" in err
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    trials = [r for r in runs if r.data.tags.get("run.kind") == "one-off"]
+    trials = [r for r in runs if r.data.tags.get("run.kind") == "trial"]
     assert len(trials) == 2  # not retried
     assert {(r.info.status, r.data.tags["tune.outcome"]) for r in trials} == {
         ("FAILED", "diverged")
@@ -314,7 +314,7 @@ def _listening() -> list[str]:
 
 
 def _trial_runs(client, experiment_id: str) -> list:
-    return client.search_runs([experiment_id], "tags.`run.kind` = 'one-off'", max_results=500)
+    return client.search_runs([experiment_id], "tags.`run.kind` = 'trial'", max_results=500)
 
 
 def test_cluster_in_its_own_namespace(cluster, namespace_project: Path):
@@ -373,8 +373,8 @@ def test_cluster_in_its_own_namespace(cluster, namespace_project: Path):
     final = {k: v for k, v in parent.data.metrics.items() if k.startswith("trials/")}
     assert sum(final.values()) == 6 and "trials/failed" not in final, final
     assert parent.data.metrics["best/val_accuracy"] > 0
-    best = client.get_run(parent.data.params["best.run_id"])
-    assert best.outputs.model_outputs, "the best trial's weights are a logged model"
+    assert client.get_run(parent.data.params["best.run_id"]).info.status == "FINISHED"
+    assert parent.outputs.model_outputs, "the best trial's weights are the search's logged model"
     assert json.loads(parent.data.params["search.space"])["epochs"] == [6, 9]
 
     # `compare` lists the search's finished trials side by side, never the search's own run.

@@ -73,7 +73,7 @@ COMMANDS = {
             ("--hosts", {"type": _names, "help": "comma-separated host labels to keep"}),
             ("--exp", {"help": "a DVC experiment: its runs beside its baseline commit's"}),
             ("--all-runs", {"action": "store_true", "help": "every run, not the latest"}),
-            ("--one-off", {"action": "store_true", "help": "include one-off runs"}),
+            ("--one-off", {"action": "store_true", "help": "one-offs and search trials too"}),
             ("--csv", {"type": Path, "help": "also write the table as CSV"}),
             ("--markdown", {"type": Path, "help": "also write the table as Markdown"}),
             ("--chart", {"type": Path, "help": "also write a PNG chart"}),

@@ -39,6 +39,7 @@ COLUMNS = (
 BYTES = "bytes"  # the column that says whether a group's checkpoint is the first group's
 TAGS = {  # run tag -> column
     "variant": "variant",
+    "search.variant": "searched",  # a search's trial: `--one-off` lists it under its variant
     "host": "host",
     "device": "device",
     "run.kind": "kind",
@@ -74,9 +75,9 @@ def compare(
     _check_store_exists(uri)
     name = experiment or tracking.experiment_name(params.data.dataset)
     runs = training_runs(uri, name)
-    skipped = int((runs["kind"] == "one-off").sum())
+    skipped = int(runs["kind"].isin(["one-off", "trial"]).sum())
     if not one_off:
-        runs = runs[runs["kind"] != "one-off"]
+        runs = runs[~runs["kind"].isin(["one-off", "trial"])]
     where = f"experiment {name!r} at {uri}"
     if dvc_exp:
         runs = beside_baseline(runs, dvc_exp, where)
@@ -89,7 +90,8 @@ def compare(
     print(f"{name} at {uri}: {kind} per variant and host · device")
     print(_shown(table).to_string())
     if skipped and not one_off:
-        print(f"({skipped} one-off run{'s' * (skipped > 1)} left out: add --one-off to include)")
+        plural = "s" * (skipped > 1)
+        print(f"({skipped} one-off or trial run{plural} left out: add --one-off to include)")
     title = f"{name}: {kind} per variant and host · device"
     asked = ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart))
     for path, write in asked:
@@ -187,8 +189,10 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
     columns |= {f"tags.{tag}": column for tag, column in TAGS.items()}
     columns |= {f"metrics.{metric}": metric for metric, _, _ in COLUMNS}
     runs = raw.rename(columns=columns).reindex(columns=list(columns.values()))
-    # A search's runs, a form's child runs and `mlflow run`'s parent carry no `variant` tag.
-    runs = runs[runs["variant"].notna()]
+    trial = runs["kind"] == "trial"
+    runs["variant"] = runs["variant"].astype(object).where(~trial, runs["searched"])
+    # A search's parent, a form's child runs and `mlflow run`'s parent carry no `variant` tag.
+    runs = runs[runs["variant"].notna()].drop(columns="searched")
     if runs.empty:
         raise PipelineError(
             f"experiment {experiment!r} at {uri} holds no finished training runs; train one "

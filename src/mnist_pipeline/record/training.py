@@ -195,9 +195,9 @@ def signature() -> ModelSignature:
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
     """Log `model` (torch: an nn.Sequential, logged in its served form; onnx or int8: an ONNX
     model) as a logged model of `run`, named after `named_after` (a form's child run: its
-    training run) or `run`; its id. Called with no run active: MLflow would link every unlinked
-    metric of the active run to it. The flavours are imported here: an evaluation-only sync never
-    needs them, nor ONNX."""
+    training run) or `run`; its id. Best called with no run active: MLflow links every unlinked
+    metric of the active run to the model. The flavours are imported here: an evaluation-only
+    sync never needs them, nor ONNX."""
     name = model_name(named_after or run, form)
     logged = mlflow.initialize_logged_model(
         name=name,
@@ -232,7 +232,9 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
             onnx_execution_providers=["CPUExecutionProvider"],
             **common,
         )
-    tracking.client().log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run.info.run_id:  # else MLflow linked it itself
+        tracking.client().log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return logged.model_id
 
 
