@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import importlib
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -213,6 +215,30 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
         "signature": signature(),
         "input_example": np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
     }
+    with _requirements_known():
+        _log_form(model, form, common)
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run.info.run_id:  # else MLflow linked it itself
+        tracking.client().log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
+@contextlib.contextmanager
+def _requirements_known():
+    """MLflow checks a model's pip requirements against this environment, when it writes the
+    model and when it loads it back to check the input example serves, by mapping every installed
+    distribution's files to modules (about a second a process). Ours are the versions read from
+    this environment, so the check cannot warn: it is skipped where MLflow 3 keeps it, and runs
+    wherever a newer MLflow moved it."""
+    name = "warn_dependency_requirement_mismatches"
+    with contextlib.ExitStack() as stack:
+        for module in map(importlib.import_module, ("mlflow.utils.environment", "mlflow.pyfunc")):
+            if hasattr(module, name):
+                stack.enter_context(mock.patch.object(module, name, lambda _: None))
+        yield
+
+
+def _log_form(model, form: str, common: dict) -> None:
     if form == "torch":
         from mlflow import pytorch as flavour
 
@@ -232,10 +258,6 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
             onnx_execution_providers=["CPUExecutionProvider"],
             **common,
         )
-    active = mlflow.active_run()
-    if active is None or active.info.run_id != run.info.run_id:  # else MLflow linked it itself
-        tracking.client().log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return logged.model_id
 
 
 @dataclass
