@@ -51,8 +51,7 @@ def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: An
 
 
 def load(path: Path, variant: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The model (in eval mode) and the payload of a checkpoint this pipeline wrote. weights_only:
-    a file that is not ours, or carries code, is refused, never executed."""
+    """The model (in eval mode) and payload of one of our checkpoints; others are refused unrun."""
     if not path.is_file():
         name = variant or "<variant>"
         raise PipelineError(

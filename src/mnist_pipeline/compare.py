@@ -115,8 +115,7 @@ def _keep(runs: pd.DataFrame, column: str, wanted, where: str, missing: str) -> 
 
 
 def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
-    """DVC experiment `name`'s runs and its baseline commit's (outside any experiment), each
-    group labelled by what it is and its host."""
+    """DVC experiment `name`'s runs and its baseline commit's, labelled as such and by host."""
     ours = runs[runs["exp"] == name]
     if ours.empty:
         present = ", ".join(sorted(runs["exp"].dropna().unique())) or "none"
@@ -170,8 +169,7 @@ def _check_store_exists(uri: str) -> None:
 
 
 def training_runs(uri: str, experiment: str) -> pd.DataFrame:
-    """The experiment's finished training runs, newest first: run_id, start_time, the TAGS'
-    columns and the COLUMNS' metrics (NaN where missing)."""
+    """The experiment's finished training runs, newest first: the TAGS' and COLUMNS' columns."""
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage != "active":
@@ -236,8 +234,7 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
 
 
 def _same_bytes(table: pd.DataFrame, group: str, first: str) -> pd.Series:
-    """Per row: `same` where `group`'s checkpoint has `first`'s bytes, else its test accuracy
-    less `first`'s, in points."""
+    """Per row: `same` where `group`'s checkpoint is `first`'s, else the accuracy difference."""
     mine, theirs = table[(group, "checkpoint")], table[(first, "checkpoint")]
     delta = (table[(group, "test/accuracy")] - table[(first, "test/accuracy")]) * 100
     shown = [

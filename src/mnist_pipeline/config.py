@@ -120,8 +120,7 @@ LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_
 
 @dataclass(frozen=True, config=_SECTION)
 class SearchSpace(_Section):
-    """What `tune` searches for one variant: lr log-uniformly between its bounds, batch size and
-    epochs among choices; the rest of the recipe is the variant's own."""
+    """What `tune` searches for one variant: lr log-uniformly, batch size and epochs by choice."""
 
     lr: LrBounds
     batch_size: Choices

@@ -104,8 +104,8 @@ class _Counted(io.RawIOBase):
 
 
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """The content of a gzip stream (every member, as gunzip reads them), chunk by chunk; a stream
-    that is not gzip passes as is. Refuses truncated or corrupt gzip and HTML error pages."""
+    """A gzip stream's content (every member), chunk by chunk; a stream that is not gzip passes as
+    is. Refuses truncated or corrupt gzip and HTML error pages."""
     stream = io.BufferedReader(_Counted(raw, progress), CHUNK)
     head = stream.peek(CHUNK)  # a whole buffer, not two bytes: error pages may open with blanks
     if not head:
@@ -171,8 +171,7 @@ def how_to_fix(data: DataConfig) -> str:
 
 
 def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -> Path:
-    """Make data/<dataset>/ hold the four verified IDX files; return it. A download that fails
-    removes the folders it made, if they are still empty."""
+    """Make data/<dataset>/ hold the four verified IDX files; on failure, remove what it made."""
     folder = data_dir(root, data.dataset)
     made = [p for p in (folder, *folder.parents) if p.is_relative_to(root) and not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)

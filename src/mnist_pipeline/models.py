@@ -81,17 +81,15 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
 
 
 def logits_view(model: nn.Sequential) -> nn.Sequential:
-    """All of `model` but a final Softmax: a probability head is trained on log_softmax of the
-    logits, computed stably; cross-entropy on the probabilities would apply a second softmax (the
-    bug in the tutorial that defines mlp_tanh_sigmoid_softmax)."""
+    """All of `model` but a final Softmax: cross-entropy on probabilities would apply a second
+    softmax (the bug in the tutorial that defines mlp_tanh_sigmoid_softmax)."""
     from torch import nn
 
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model
 
 
 def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
-    """Predicted classes of `x` and the mean loss against `y` (on logits), in eval mode and in
-    chunks: the test set (evaluate) and the validation split (train)."""
+    """Predicted classes of `x` and the mean loss against `y` (on logits), in eval mode, chunked."""
     import torch
     import torch.nn.functional as F
 
@@ -106,9 +104,8 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
 
 
 def inference_model(model: nn.Sequential) -> nn.Sequential:
-    """The served form, the same contract for every variant: a CPU copy in eval mode, float32
-    images (N, 1, 28, 28) in [0, 1] in, class probabilities (N, 10) out (dropout as identities,
-    a Softmax after a logits head). The trained weights are copied, not changed."""
+    """The served form of every variant: a CPU copy in eval mode, float32 images (N, 1, 28, 28) in
+    [0, 1] in, class probabilities (N, 10) out (dropout as identities, a Softmax head)."""
     from torch import nn
 
     layers = [

@@ -25,8 +25,7 @@ _ACCOUNT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # what names
 
 
 def store_root(root: Path) -> Path:
-    """The project root, or DVC_ROOT: `dvc exp run --queue` runs stages in a temporary copy of
-    the repository, and the runs belong in the real one."""
+    """The project root, or DVC_ROOT (`dvc exp run --queue` runs stages in a temporary copy)."""
     return Path(os.environ.get("DVC_ROOT") or root)
 
 
@@ -41,12 +40,10 @@ def experiment_name(dataset: str) -> str:
 def check_reachable(
     uri: str, *, writing: bool = True, experiment: str | None = None, root: Path | None = None
 ) -> None:
-    """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
-    not answer, whose TLS certificate this host does not trust, that refuses the credentials
-    (401) or the account (403: reading; with `writing`, writing runs into `experiment`, or
-    creating it); or a local SQLite store that cannot be opened (it is created here if need be).
-    A stage that stops here under `dvc repro`, its outputs already deleted by DVC, says how to
-    bring them back (`root`: the project they belong to)."""
+    """Fail fast, before any work, if the tracking store cannot be used: a server that does not
+    answer, is not trusted, or refuses the credentials or the account (reading; with `writing`,
+    writing into `experiment`); a local SQLite store that cannot be opened. Under `dvc repro`,
+    says how to bring back the outputs DVC deleted (`root`: their project)."""
     try:
         _check_store(uri, writing, experiment)
     except PipelineError as err:
@@ -92,8 +89,8 @@ def _refused(uri: str, what: str, status: str, fix: str) -> PipelineError:
 
 
 def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
-    """(HTTP status, JSON body or None) of one request, as MLflow's client makes it, no retries.
-    A server that cannot be reached, or whose certificate is not trusted, is a PipelineError."""
+    """(HTTP status, JSON body or None) of one request as MLflow makes it; PipelineError when the
+    server cannot be reached or trusted."""
     import requests
     from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import http_request
@@ -131,13 +128,9 @@ def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
 
 
 def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
-    """Whether the account may write runs where the stage will: into MLFLOW_EXPERIMENT_ID's
-    experiment when that is set, else into `experiment` (the pipeline's, or
-    MLFLOW_EXPERIMENT_NAME's); where that does not exist yet, whether it may create it (MLflow
-    then makes the account its manager: an account with no grant trains into an experiment of
-    its own). Each probe is a write that changes nothing, which the server refuses (403) before
-    it reads the request: deleting an experiment tag that does not exist (else 404), creating an
-    experiment with no name (else 400)."""
+    """Whether the account may write runs into MLFLOW_EXPERIMENT_ID's experiment, else into
+    `experiment`, or create that. Each probe is a write that changes nothing, refused (403) before
+    the request is read: deleting a missing experiment tag, creating an unnamed experiment."""
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     where = f"experiment {experiment_id}" if experiment_id else f"experiment '{experiment}'"
     if not experiment_id:
@@ -166,11 +159,8 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
 
 
 def _restore_hint(root: Path | None) -> str:
-    """Under `dvc repro`, DVC deletes a stage's outputs before it runs the stage (`-f`, or a
-    changed dependency): a stage that stops before any work leaves them missing. Those in
-    DVC's cache come back with `dvc checkout <stage>`, those it does not cache (metrics and
-    plots, which git keeps) with `git checkout`: the command, or "" where nothing is missing.
-    Read (dvc.lock, git's index) only on the way out with an error."""
+    """The command that brings back the outputs DVC deleted before running a stage that then
+    stopped (`dvc checkout <stage>`, `git checkout` for what git keeps), or "" if none is gone."""
     stage = os.environ.get("DVC_STAGE")
     if not stage or root is None or not (root / "dvc.lock").is_file():
         return ""
@@ -197,9 +187,8 @@ def _restore_hint(root: Path | None) -> str:
 
 
 def _open_sqlite_store(uri: str) -> None:
-    """Open (the first time: create) a SQLite store, one process at a time. MLflow creates the
-    tables without a lock, so two jobs starting on a fresh store (`dvc exp run --queue` with two
-    jobs) would race the schema migration, and one would crash."""
+    """Open (the first time: create) a SQLite store, one process at a time: MLflow creates the
+    tables without a lock, and two jobs on a fresh store would race the schema migration."""
     import mlflow
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
@@ -223,9 +212,8 @@ def _open_sqlite_store(uri: str) -> None:
 
 
 def run_experiment_id(dataset: str, root: Path) -> str:
-    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it: the UI nests children within one experiment),
-    else `experiment_name(dataset)`, created if needed, its artifacts on the local store in
-    <root>/mlartifacts (MLflow would use ./mlruns)."""
+    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it), else `experiment_name(dataset)`, created if
+    needed, on the local store with its artifacts in <root>/mlartifacts."""
     import mlflow
 
     if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -262,9 +250,8 @@ _ARTIFACT_COLUMNS = (
 
 
 def follow_a_moved_project(root: Path) -> str | None:
-    """Point the artifact paths of the project's own SQLite store into this folder's mlartifacts
-    when the project was copied or moved: MLflow records them resolved, and the copy would go on
-    using the old folder. Returns the old location, or None."""
+    """Point the local store's artifact paths (recorded resolved) into this folder's mlartifacts
+    when the project was copied or moved; the old location, or None."""
     here = store_root(root)
     if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
         return None

@@ -47,8 +47,7 @@ def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) ->
 
 
 def run(job: Job, on_epoch: loop.OnEpoch) -> loop.Fit:
-    """Train, keep the chosen epoch's weights, write the outputs; a signal before then saves
-    nothing."""
+    """Train, keep the chosen epoch's weights, write the outputs (a signal before saves nothing)."""
     recipe, settings = job.params.recipe(job.variant), job.params.train
     fitted = loop.fit(
         job.setup, recipe=recipe, keep=settings.keep, on_epoch=on_epoch, label=job.variant

@@ -45,8 +45,7 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 
 
 def measured_digest(outputs: paths.Outputs) -> str | None:
-    """A run's `record.measured` tag once its host measured the current exports (None: nothing
-    exported yet), the latency setting included."""
+    """A run's `record.measured` tag once its host measured the current exports (and setting)."""
     if outputs.export_dir is None:
         return None
     found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
@@ -58,8 +57,8 @@ def latency_on() -> bool:
 
 
 def agree(store, training, test=None) -> list[str]:
-    """Make the store hold complete runs for the checkpoint in `training.outputs`; `test` gives
-    the test set (x, y) to measure on. Returns what was done (nothing: the store agreed)."""
+    """Make the store hold complete runs for `training`'s checkpoint (`test`: loads the test set);
+    what was done."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
 
@@ -95,8 +94,7 @@ def agree(store, training, test=None) -> list[str]:
 
 
 def rebuild(store, training):
-    """A run for a checkpoint no run in this store trained (a fresh store, one that failed mid-run,
-    outputs from DVC's cache or a colleague), made from the outputs."""
+    """A run, made from the outputs, for a checkpoint no run in this store trained."""
     from mnist_pipeline.record import training as record
 
     recipe, checksum = training.recipe, training.checksum
@@ -108,8 +106,7 @@ def rebuild(store, training):
 
 
 def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
-    """The complete runs that trained a checkpoint of these bytes, this host's first, then the
-    newest."""
+    """The complete runs that trained these checkpoint bytes, this host's first, then newest."""
     runs = tracking.client().search_runs(
         [experiment_id],
         filter_string=f"tags.`checkpoint.md5` = '{checkpoint_md5}' "
@@ -136,8 +133,8 @@ def _test_set(store):
 
 
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
-    """Make the store agree with every variant's outputs; cheap when it does (the receipt), unless
-    `verify`. Returns the number of variants whose record changed."""
+    """Make the store agree with every variant's outputs (cheap if the receipt matches, unless
+    `verify`); the number of variants whose record changed."""
     outputs = {v: paths.pipeline_outputs(root, v) for v in params.variants}
     outputs = {v: o for v, o in outputs.items() if o.checkpoint.is_file()}
     uri = tracking.tracking_uri(root)
@@ -175,9 +172,8 @@ def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
 
 
 def _receipt(uri: str, experiment: str) -> str | None:
-    """The fingerprint this host's last sync left on `experiment`, read straight from a local
-    SQLite store (importing MLflow costs seconds); None elsewhere, or when anything is unexpected:
-    the full check runs."""
+    """The fingerprint this host's last sync left, read from a local SQLite store without MLflow
+    (seconds to import); None elsewhere or when anything is unexpected."""
     if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
     path = Path(unquote(uri[len("sqlite:///") :]))

@@ -30,8 +30,7 @@ DEVICES_TAG = "devices"  # and the devices they trained on
 
 
 def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict[str, float]:
-    """The figures of `training`'s evaluation outputs (the file's, and what the predictions add),
-    and its artifacts drawn into `folder`: once for every run of those bytes."""
+    """The figures of `training`'s evaluation outputs, and its artifacts drawn into `folder`."""
     outputs = training.outputs
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
@@ -50,8 +49,7 @@ def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict
 def record_evaluation(
     store: runs.Store, run, training: Training, figures: dict, folder: Path
 ) -> str:
-    """Into `run`: the test metrics (linked to its logged model and the test set), the artifacts
-    in `folder`, a registered version. Returns a line saying what was done."""
+    """Into `run`: the test metrics, the artifacts in `folder`, a registered version; a line."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     runs.log_datasets(run_id, {"evaluation": test_set})
@@ -78,10 +76,8 @@ def torch_model_id(run) -> str | None:
 
 
 def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
-    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes, listing every
-    host that wrote them), and the champion alias if it beats the current one. A version made
-    under `dvc exp run` never becomes the first champion: an experiment competes with its
-    baseline's. Returns a line saying what happened."""
+    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes), and the
+    champion alias if it beats the current one (under `dvc exp run`, never the first); a line."""
     tags = run.data.tags
     name = f"{dataset}-{tags['variant']}"
     version = _version(client, name, model_id, tags)

@@ -47,8 +47,7 @@ def measure(training: Training, test) -> dict:
 
 
 def record_export(store: runs.Store, run, training: Training, measured: dict) -> str:
-    """Into this host's `run`: every form's figures, and a child run per ONNX form with its
-    logged model (made once: a run measured again gets new figures only)."""
+    """Into this host's `run`: every form's figures, and a child run per ONNX form (made once)."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     sizes = json.loads(training.outputs.export_metrics.read_text())

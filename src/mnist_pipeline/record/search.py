@@ -56,8 +56,8 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
 
 
 def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
-    """End trial `trial_id`'s runs still RUNNING (their process stopped or died first) with `how`
-    = (outcome, status), or FINISHED where the trial said it completed; its latest outcome."""
+    """End trial `trial_id`'s runs still RUNNING with `how` = (outcome, status), or FINISHED where
+    the trial said it completed; its latest outcome."""
     client = tracking.client()
     found = client.search_runs(
         [experiment_id],

@@ -33,8 +33,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens 
 
 @dataclass(frozen=True)
 class Store:
-    """A reachable tracking store holding the data set's experiment: `mlflow`'s current one from
-    here on, which every `tracking.client()` reaches."""
+    """A reachable tracking store holding the data set's experiment: `mlflow`'s current one."""
 
     uri: str
     experiment_id: str
@@ -55,8 +54,7 @@ def open_store(root: Path, dataset: str) -> Store:
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
-    """A description, and the kind that makes MLflow 3's UI open on the training runs rather than
-    its GenAI overview; each set once (a user's own edits are kept)."""
+    """A description, and the kind that opens MLflow 3's UI on the runs; each set once."""
     experiment = mlflow.get_experiment(experiment_id)
     note = (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
@@ -79,14 +77,12 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
 
 @functools.cache
 def mlflow_run_parent() -> str | None:
-    """The run `mlflow run` started, whose children our runs become: taken out of the
-    environment once, or `mlflow.start_run` would resume it."""
+    """The run `mlflow run` started, taken out of the environment (else start_run resumes it)."""
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
-    """A run's tags that do not depend on the machine: what, of which kind, from which code, data
-    and DVC experiment. A search's trials take the driver's: a node has no project."""
+    """A run's tags that do not depend on the machine (a search's trials take the driver's)."""
     tags = {
         "variant": variant,
         "git.commit": host.git_commit(store.root),
@@ -102,8 +98,7 @@ def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
 
 
 def describe_run(tags: dict, recipe: dict, checksum: str) -> str:
-    """The run's description (Markdown) from its tags: variant, recipe, data, commit, and its DVC
-    experiment with how to bring it into the workspace."""
+    """The run's description (Markdown) from its tags, recipe and data checksum."""
     shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
     text = (
         f"**{tags['variant']}** on host `{tags['host']}` ({tags.get('device', 'unknown')}).\n\n"
@@ -169,9 +164,8 @@ def started_run(
 
 
 def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
-    """The data as MLflow dataset inputs by context: `training`, `validation` (its size and seed
-    in the digest) and `evaluation`. Digests derive from the content checksum: the same on any
-    host. The source is the data set's first public mirror."""
+    """The data as MLflow dataset inputs by context, their digests from the content checksum (the
+    same on any host), their source the first public mirror."""
     dataset = data.dataset
     mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
     source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
@@ -199,9 +193,8 @@ _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed"
 
 
 def log_datasets(run_id: str, found: dict, client=None) -> None:
-    """Log dataset inputs {context: dataset} to a run. Two hosts logging the same new data at
-    once race in MLflow's store (look up, then insert), and the second insert breaks the unique
-    key; the store rolls that call back whole, so trying again links the other's dataset."""
+    """Log dataset inputs {context: dataset} to a run. Two hosts logging new data at once race in
+    MLflow's store and the second insert breaks the unique key: trying again links the other's."""
     inputs = [
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, ds in found.items()

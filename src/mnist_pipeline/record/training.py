@@ -38,8 +38,7 @@ FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
 
 
 def rounded(value: float) -> float:
-    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: what the UI's tables
-    show as it is, not with seventeen digits."""
+    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: as the UI shows them."""
     return float(round(value)) if abs(value) >= 1000 else round(value, 6)
 
 
@@ -51,8 +50,7 @@ def as_metrics(figures: dict[str, float], step: int = 0, **link: str | None) -> 
 
 @dataclass(frozen=True)
 class Training:
-    """A training record's makings: the variant's outputs and the data they came from. The recipe
-    and settings are the checkpoint's own (a one-off's differ from params.yaml's)."""
+    """A variant's outputs and the data they came from; the recipe is the checkpoint's own."""
 
     variant: str
     outputs: paths.Outputs
@@ -83,8 +81,8 @@ class Training:
 
 @dataclass
 class EpochLogger:
-    """Logs each epoch's metrics to run `run_id` in one call. A store that fails mid-run is a
-    warning (training goes on, its results are saved locally); the first error is kept."""
+    """Logs each epoch to run `run_id`. A store that fails mid-run is a warning; the first error
+    is kept."""
 
     run_id: str
     error: str | None = None
@@ -112,8 +110,7 @@ def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checks
 
 
 def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device=None):
-    """A new run for `training`: live (timed, with system metrics) on a `torch.device`, or
-    rebuilt from the outputs (`device` None: no timings, none invented)."""
+    """A new run for `training`: live on a `torch.device`, or rebuilt (device None: no timings)."""
     live = device is not None
     kind = "one-off" if training.outputs.one_off else "pipeline"
     tags = host.machine_tags(device) | runs.shared_tags(store, variant=training.variant, kind=kind)
@@ -142,9 +139,8 @@ def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
 
 
 def record_training(run_id: str, training: Training, *, live: bool = False) -> str:
-    """From the outputs into run `run_id`: the summary, the history (a live run logged it as it
-    went), the logged model (its figures are linked by the evaluation and export records), and
-    last the checkpoint's MD5. Returns the logged model's id."""
+    """From the outputs into run `run_id`: the summary, the history (unless live), the logged model
+    (its id returned), and last the checkpoint's MD5."""
     model, meta = training.checkpoint
     kept_epoch = meta.get("epoch")
     client = tracking.client()
@@ -184,8 +180,7 @@ def model_name(run, form: str) -> str:
 
 
 def signature() -> ModelSignature:
-    """float32 images (-1, 1, 28, 28) in, float32 probabilities (-1, 10) out; unnamed tensors:
-    MLflow's PyTorch flavour serves a plain array (`{"inputs": [...]}`)."""
+    """float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -193,11 +188,9 @@ def signature() -> ModelSignature:
 
 
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
-    """Log `model` (torch: an nn.Sequential, logged in its served form; onnx or int8: an ONNX
-    model) as a logged model of `run`, named after `named_after` (a form's child run: its
-    training run) or `run`; its id. Best called with no run active: MLflow links every unlinked
-    metric of the active run to the model. The flavours are imported here: an evaluation-only
-    sync never needs them, nor ONNX."""
+    """Log `model` (torch: logged in its served form; onnx, int8: an ONNX model) as a logged model
+    of `run`, named after `named_after` or `run`; its id. Best called with no run active: MLflow
+    links every unlinked metric of the active run to the model."""
     name = model_name(named_after or run, form)
     logged = mlflow.initialize_logged_model(
         name=name,
@@ -246,8 +239,7 @@ class Live:
 
 @contextlib.contextmanager
 def live_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device, extra):
-    """The run around a training on `device`, its recipe and data logged first; each epoch goes
-    through `Live.log_epoch`."""
+    """The run around a training on `device`, its recipe and data logged first."""
     with new_run(store, training, recipe=recipe, checksum=checksum, device=device) as run:
         log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
         yield Live(run, EpochLogger(run.info.run_id))
