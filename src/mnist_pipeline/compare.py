@@ -1,10 +1,5 @@
 """Compare: the tracking store as one table, variants × host/device.
 
-    mnist-pipeline compare                                  # latest run per variant, host, device
-    mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
-    mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
-    mnist-pipeline compare --exp bulky-pita         # a DVC experiment beside its baseline
-
 Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
 else the accuracy difference), test accuracy, training speed, and each form's measured figures.
 Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
@@ -65,9 +60,8 @@ def compare(
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Print (and write where asked) the table; return it, numbers unformatted. Columns: (`host ·
-    device`, metric); rows: variants, or (variant, run) with `latest_only=False` (1: the latest).
-    With `dvc_exp`, the groups are that experiment's runs and its baseline commit's, per host."""
+    """Print (and write where asked) the table; return it, numbers unformatted. Rows: variants, or
+    (variant, run) with `latest_only=False`; with `dvc_exp`, that experiment beside its baseline."""
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)
@@ -205,9 +199,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
 
 def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     """Rows: variants in the order of models.VARIANTS; columns: (`host · device`, metric)."""
-    runs = runs.sort_values("start_time", ascending=False).assign(
-        group=runs["host"] + " · " + runs["device"]
-    )
+    runs = runs.assign(group=runs["host"] + " · " + runs["device"])
+    runs = runs.sort_values("start_time", ascending=False)
     if latest_only:
         runs = runs.drop_duplicates(["variant", "group"])
         index: str | list[str] = "variant"
@@ -225,12 +218,11 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     table.columns.names = ["host · device", "metric"]
     # The registry's order; a variant it does not know (a newer checkout's) goes last.
     order = {name: i for i, name in enumerate(VARIANTS)}
-    return table.sort_index().sort_index(
-        key=lambda level: level.map(
-            lambda v: order.get(v, len(order)) if isinstance(v, str) else v
-        ),
-        kind="stable",
-    )
+
+    def rank(level: pd.Index) -> pd.Index:
+        return level.map(lambda v: order.get(v, len(order)) if isinstance(v, str) else v)
+
+    return table.sort_index().sort_index(key=rank, kind="stable")
 
 
 def _same_bytes(table: pd.DataFrame, group: str, first: str) -> pd.Series:

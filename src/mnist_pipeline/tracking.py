@@ -1,8 +1,6 @@
-"""Where runs go and whether that store can be used.
+"""Where runs go and whether that store can be used: URI, experiment, checks, client.
 
-The tracking URI and experiment, the checks that the store answers and accepts this account, and
-the client the recording uses. MLflow is imported inside the functions: `sync`'s no-op path runs
-without it.
+MLflow is imported inside the functions: `sync`'s no-op path runs without it.
 """
 
 from __future__ import annotations
@@ -56,17 +54,13 @@ def _check_store(uri: str, writing: bool, experiment: str | None) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
-    # MLflow retries a failing request for minutes by default; a few seconds tell a blip from a
-    # dead server (a user's own settings win).
+    # MLflow retries for minutes by default; a few seconds tell a blip from a dead server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.utils.credentials import get_default_host_creds
 
-    # What every MLflow call of this process will send: the user and password from
-    # MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials, the CA of
-    # MLFLOW_TRACKING_SERVER_CERT_PATH.
-    creds = get_default_host_creds(uri)
+    creds = get_default_host_creds(uri)  # what every MLflow call of this process sends
     ask = functools.partial(_ask, uri, creds)
     ask("/health")  # unprotected: says whether a server is there and its certificate is trusted
     user = f"user '{creds.username}'" if creds.username else "a client without credentials"
@@ -120,11 +114,9 @@ def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
             "MLFLOW_TRACKING_URI at a running one (unset it to use the local store)"
         ) from None
-    try:
-        body = reply.json()
-    except ValueError:
-        body = None
-    return reply.status_code, body
+    with contextlib.suppress(ValueError):
+        return reply.status_code, reply.json()
+    return reply.status_code, None
 
 
 def _check_writable(uri: str, ask, user: str, experiment: str) -> None:

@@ -68,11 +68,10 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
     )
     tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: note}
     for key, value in tags.items():
-        if key in experiment.tags:
-            continue
         # Two jobs on a new experiment (a queued sweep) race to set it; the loser's is cosmetic.
         with contextlib.suppress(MlflowException):
-            tracking.client().set_experiment_tag(experiment_id, key, value)
+            if key not in experiment.tags:
+                tracking.client().set_experiment_tag(experiment_id, key, value)
 
 
 @functools.cache
@@ -83,12 +82,8 @@ def mlflow_run_parent() -> str | None:
 
 def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
     """A run's tags that do not depend on the machine (a search's trials take the driver's)."""
-    tags = {
-        "variant": variant,
-        "git.commit": host.git_commit(store.root),
-        "data.dataset": store.dataset,
-        RUN_KIND_TAG: kind,
-    }
+    tags = {"variant": variant, "git.commit": host.git_commit(store.root)}
+    tags |= {"data.dataset": store.dataset, RUN_KIND_TAG: kind}
     if stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = stage
     if name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`, queued or not
@@ -145,16 +140,14 @@ def started_run(
         parent_run_id=parent_run_id or mlflow_run_parent(),
         log_system_metrics=system_metrics,
     )
-    status = "FAILED"
+    status = "KILLED"  # unless the block ends otherwise: Ctrl-C, SIGTERM
     try:
         yield run
         status = "FINISHED"
     except EndRun as end:  # the caller's choice: this status, and nothing raised further
         status = end.status
     except Exception:
-        raise
-    except BaseException:  # Ctrl-C, SIGTERM
-        status = "KILLED"
+        status = "FAILED"
         raise
     finally:
         try:
@@ -175,11 +168,8 @@ def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> di
         return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
 
     split = f"val_size={val_size},seed={seed}"
-    return {
-        "training": entry("train", split),
-        "validation": entry("validation", split),
-        "evaluation": entry("test", "t10k"),
-    }
+    found = {"training": entry("train", split), "validation": entry("validation", split)}
+    return found | {"evaluation": entry("test", "t10k")}
 
 
 def training_inputs(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:

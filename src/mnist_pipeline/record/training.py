@@ -94,11 +94,8 @@ class EpochLogger:
             tracking.client().log_batch(self.run_id, metrics=as_metrics(row, epoch))
         except Exception as err:
             self.error = first_line(err)
-            print(
-                f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
-                "training continues",
-                file=sys.stderr,
-            )
+            warning = f"could not log epoch {epoch} to MLflow ({self.error}); training continues"
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checksum: str, extra):
@@ -128,12 +125,11 @@ def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: st
 def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
     """What only a live run knows: how long training took (medians: the first epoch warms up)."""
     seconds = [row["time/epoch_seconds"] for row in history]
+    speeds = [row["time/samples_per_second"] for row in history]
     figures = {
         "time/train_seconds": sum(seconds),
         "time/median_epoch_seconds": statistics.median(seconds),
-        "time/median_samples_per_second": statistics.median(
-            row["time/samples_per_second"] for row in history
-        ),
+        "time/median_samples_per_second": statistics.median(speeds),
     }
     tracking.client().log_batch(run_id, metrics=as_metrics(figures))
 
@@ -155,10 +151,8 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
             )
     if kept_epoch is not None:
         client.log_metric(run_id, "kept_epoch", kept_epoch)
-    run = client.get_run(run_id)
-    model_id = log_model(
-        run, model, "torch", params={"variant": training.variant, **meta["recipe"]}
-    )
+    params = {"variant": training.variant, **meta["recipe"]}
+    model_id = log_model(client.get_run(run_id), model, "torch", params=params)
     client.set_tag(run_id, CHECKPOINT_TAG, training.md5)
     return model_id
 
@@ -192,20 +186,16 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
     of `run`, named after `named_after` or `run`; its id. Best called with no run active: MLflow
     links every unlinked metric of the active run to the model."""
     name = model_name(named_after or run, form)
+    source = {"source_run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     logged = mlflow.initialize_logged_model(
         name=name,
-        source_run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
         params={k: str(v) for k, v in params.items()},
         tags={FORM_TAG: form},
         model_type="pytorch" if form == "torch" else "onnx",
+        **source,
     )
-    common = {
-        "name": name,
-        "model_id": logged.model_id,
-        "signature": signature(),
-        "input_example": np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
-    }
+    common = {"name": name, "model_id": logged.model_id, "signature": signature()}
+    common["input_example"] = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
     if form == "torch":
         from mlflow import pytorch as flavour
 
