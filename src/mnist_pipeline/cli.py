@@ -13,8 +13,6 @@
 A user mistake ends with one line on stderr and exit code 2 (bad input) or 1, never a traceback.
 """
 
-from __future__ import annotations
-
 import argparse
 import atexit
 import contextlib
@@ -161,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if "MNIST_PIPELINE_LOG" not in os.environ:
-        # A tracking server that goes away: MLflow's HTTP retries and its system-metrics thread
-        # would each print warnings; the pipeline says what happened in a line of its own.
+        # A server that goes away: the pipeline says so in one line, not MLflow's many warnings.
         for name in ("urllib3.connectionpool", "mlflow.system_metrics", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)

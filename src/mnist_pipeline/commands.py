@@ -5,8 +5,6 @@ one-off's at once, the pipeline's other outputs in `sync`. Each command imports 
 recording inside its function (torch, MLflow or ONNX): a command pays only for what it uses.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from mnist_pipeline import paths, signals

@@ -6,8 +6,6 @@ Finished training runs of the params.yaml recipes only (`--one-off` adds one-off
 by `sync` shows as device `rebuilt`.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse

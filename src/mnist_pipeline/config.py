@@ -3,8 +3,6 @@
 Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping

@@ -77,8 +77,7 @@ def shown_path(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-# IDX, read here: torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor) asserts
-# rather than saying what is wrong, and needs torch, which `download` must not load.
+# IDX, read here: torchvision's reader asserts rather than says what is wrong, and needs torch.
 IDX_UBYTE = 0x08
 _MAX_HEADER = 4 + 4 * 255  # the rank is one byte
 _FIX = "re-run `mnist-pipeline download`"

@@ -1,21 +1,15 @@
-"""The download stage: fetch the four IDX files from a mirror, verified.
-
-    mnist-pipeline download                                 # the mirrors in params.yaml
-    MNIST_MIRROR=~/mnist-mirror mnist-pipeline download     # a folder or URL of one's own
+"""The download stage: fetch the four IDX files from a mirror (params.yaml's, or MNIST_MIRROR).
 
 A file is accepted only if its uncompressed content has the canonical MD5 (mirrors re-compress:
 the .gz bytes may differ) and its IDX header fits its size; it is written atomically. torchvision's
 MNIST download checks the .gz files' MD5s, which a re-compressing mirror fails.
 """
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import http.client
 import io
 import os
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -79,8 +73,7 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         return response, int(length) if length and length.isdigit() else None
     path = folder / name
     if not folder.is_dir():
-        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC, the
-        # project root), which the user may not have in mind
+        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC: the root)
         raise MirrorFailure(f"no such folder ({folder.resolve()})")
     if not path.is_file():
         raise MirrorFailure("file not found")
@@ -124,13 +117,11 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
         raise MirrorFailure(f"corrupt gzip data ({err})") from None
 
 
-def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
+def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
     """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
     try:
         stream, length = _open_source(mirror, name + ".gz")
-        bar = tqdm(
-            total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=not show_bar
-        )
+        bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None)
         with stream, bar, atomic_path(target) as tmp:
             digest = hashlib.md5()
             with tmp.open("wb") as out:
@@ -201,12 +192,11 @@ def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[st
             f"no mirror configured for {data.dataset}: add URLs under data.mirrors.{data.dataset} "
             f"in params.yaml or set {MIRROR_ENV} to a folder or URL holding the four .gz files"
         )
-    show_bar = sys.stderr.isatty()
     for name in missing:
         tried = []
         for mirror in mirrors:
             try:
-                _fetch_one(mirror, name, checksums[name], folder / name, show_bar)
+                _fetch_one(mirror, name, checksums[name], folder / name)
             except MirrorFailure as failure:
                 tried.append(f"{mirror}: {failure}")
                 continue

@@ -1,10 +1,7 @@
 """What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
 
-torch is imported inside the functions that describe a device: `sync`'s no-op path asks for the
-host label alone.
+torch is imported inside the functions that describe a device: `sync`'s no-op path does without.
 """
-
-from __future__ import annotations
 
 import os
 import platform
@@ -13,8 +10,7 @@ import subprocess
 from pathlib import Path
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
-# The CPU flags (/proc/cpuinfo names) that decide which kernels torch, oneDNN, MKL and ONNX
-# Runtime choose: the speed of every form, and the rounding of int8 (VNNI or not) and of training.
+# The CPU flags (/proc/cpuinfo's) that decide the libraries' kernels: speed, and int8's rounding.
 ISA_FLAGS = {
     "avx2": "avx2",
     "avx512": "avx512f",

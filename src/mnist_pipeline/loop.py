@@ -4,10 +4,7 @@ Each epoch is validated on a seeded split of the training set and reported. The 
 device and a batch is an index slice: no DataLoader collating every batch.
 """
 
-from __future__ import annotations
-
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,9 +130,9 @@ def fit(setup: SetUp, *, recipe: Recipe, keep: str, on_epoch: OnEpoch, label: st
     best = BestEpoch()
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
-        desc, terminal = f"{label} {epoch}/{recipe.epochs}", sys.stderr.isatty()
-        bar_options = {"unit": "img", "leave": False, "mininterval": 0.5, "disable": not terminal}
-        with tqdm(total=len(train_data.y), desc=desc, **bar_options) as bar:  # nothing in a log
+        desc = f"{label} {epoch}/{recipe.epochs}"
+        bar_options = {"unit": "img", "leave": False, "mininterval": 0.5, "disable": None}
+        with tqdm(total=len(train_data.y), desc=desc, **bar_options) as bar:  # None: not in a log
             step = {"generator": setup.generator, "progress": bar}
             loss, acc = train_epoch(model, setup.optimizer, train_data, recipe.batch_size, **step)
         seconds = time.perf_counter() - start

@@ -1,9 +1,8 @@
 """The model variants: a plain mapping from name to architecture, and one builder.
 
-Every model is a `torch.nn.Sequential` of stock layers, so a logged model unpickles on a host that
-has torch and not this package. Input: (N, 1, 28, 28) floats in [0, 1]. A new variant: an entry in
-VARIANTS and a recipe under `variants:` in params.yaml. torch is imported inside the functions:
-`download` and `report` read VARIANTS (through config) and never load torch.
+Each model is an `nn.Sequential` of stock layers: a logged model unpickles without this package. A
+new variant: an entry in VARIANTS and a recipe in params.yaml. torch is imported inside the
+functions: `download` and `report` read VARIANTS and never load torch.
 """
 
 from __future__ import annotations

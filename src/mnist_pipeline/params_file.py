@@ -1,9 +1,4 @@
-"""`tune --apply`: a recipe written back into params.yaml as DVC's `exp run -S` writes it.
-
-Through ruamel.yaml's round trip: comments, layout and every other line stay.
-"""
-
-from __future__ import annotations
+"""`tune --apply`: a recipe written into params.yaml as `dvc exp run -S` does, all else kept."""
 
 import dataclasses
 import io

@@ -1,7 +1,5 @@
 """Every path the pipeline reads or writes and every output's file name, in one place."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,9 +1,4 @@
-"""The report stage: every variant side by side, from the DVC metrics files.
-
-mnist-pipeline report      # -> reports/: a Markdown and a CSV table, and a chart
-"""
-
-from __future__ import annotations
+"""The report stage: every variant side by side, from the DVC metrics files, in reports/."""
 
 import json
 from pathlib import Path

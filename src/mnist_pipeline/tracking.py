@@ -3,8 +3,6 @@
 MLflow is imported inside the functions: `sync`'s no-op path runs without it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import hashlib

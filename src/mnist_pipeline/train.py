@@ -4,8 +4,6 @@ Only what the recipe and seed determine is written: the same recipe twice, the s
 MLflow run around it (`commands.train`) gets each epoch through `on_epoch`.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,8 +4,6 @@ Each epoch is reported to Tune and to the trial's MLflow run, a child of the sea
 imported inside the functions, which run in a worker: `tune` imports this module before Ray starts.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import tempfile

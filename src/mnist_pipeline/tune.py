@@ -5,8 +5,6 @@ validation accuracy falls behind. A trial writes no DVC output. Ray is imported 
 functions: the flags and params.yaml are checked before the seconds it takes to load.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import json
@@ -178,8 +176,7 @@ def _tuner(
             search_alg=search,
             scheduler=scheduler,
             num_samples=options.samples,
-            # A free worker takes the next trial: no process to start, no torch and MLflow to
-            # import again (seconds per trial on 2 cores).
+            # A free worker takes the next trial: no process to start, no imports (seconds).
             reuse_actors=True,
         ),
         run_config=ray_tune.RunConfig(

@@ -1,12 +1,10 @@
 """Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-`mnist-pipeline sync`, the last stage of every `dvc repro`: for each variant's checkpoint (by its
-MD5, the runs' `checkpoint.md5` tag), every finished run of those bytes carries the evaluation
-read back from the outputs, and this host's runs what this host measured; a checkpoint no run
-trained gets a run rebuilt from the outputs. Each part tags the run with the digest of the outputs
-it came from, so it is recorded once. A no-op costs well under a second: the outputs' fingerprint
-is compared with this host's last, read from a local SQLite store without MLflow; the recording
-modules (MLflow, torch) are imported inside the functions, when there is work.
+`mnist-pipeline sync`, the last stage of `dvc repro`: every finished run of a checkpoint's bytes
+gets the evaluation read back from the outputs, this host's runs what this host measured; a
+checkpoint no run trained gets a run rebuilt. Each part tags the run with its outputs' digest, so
+it is recorded once. A no-op compares the outputs' fingerprint with this host's last, without
+MLflow: the recording modules (MLflow, torch) are imported inside the functions, when there is work.
 """
 
 from __future__ import annotations
@@ -76,15 +74,10 @@ def agree(store, training, test=None) -> list[str]:
             for run in stale:
                 line = evaluation.record_evaluation(store, run, training, figures, folder)
                 done.append(f"{run.info.run_name}: {line}")
-    wanted = measured_digest(outputs)
-    mine = [
-        r
-        for r in runs
-        if wanted
-        and r.data.tags.get("host") == host.host_label()
-        and r.data.tags.get(export.MEASURED_TAG) != wanted
-        and CHECKPOINT_TAG in r.data.tags
-    ]
+    wanted, here = measured_digest(outputs), host.host_label()
+    mine = [r for r in runs if wanted and r.data.tags.get("host") == here]
+    mine = [r for r in mine if CHECKPOINT_TAG in r.data.tags]
+    mine = [r for r in mine if r.data.tags.get(export.MEASURED_TAG) != wanted]
     if mine:
         measured = export.measure(training, (test or _test_set(store))())
         for run in mine:
@@ -107,12 +100,9 @@ def rebuild(store, training):
 
 def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
     """The complete runs that trained these checkpoint bytes, this host's first, then newest."""
-    runs = tracking.client().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`checkpoint.md5` = '{checkpoint_md5}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    found = f"tags.`checkpoint.md5` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
+    newest = ["attributes.start_time DESC"]
+    runs = tracking.client().search_runs([experiment_id], filter_string=found, order_by=newest)
     return sorted(runs, key=lambda run: run.data.tags.get("host") != host.host_label())
 
 

@@ -1,11 +1,9 @@
 """The evaluation record and the registry.
 
-From the evaluate stage's outputs: a run's test metrics (linked to its logged model and the test
-set), confusion matrix, per-class table and misclassified examples; and the checkpoint as a
-version of `<dataset>-<variant>`, whose alias `champion` moves only to a better model.
+From the evaluate stage's outputs: a run's test metrics, confusion matrix, per-class table and
+misclassified examples; the checkpoint as a version of `<dataset>-<variant>`, whose alias
+`champion` moves only to a better model.
 """
-
-from __future__ import annotations
 
 import contextlib
 import io
@@ -93,9 +91,8 @@ def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
     for key, value in values.items():
         if version.tags.get(key) != value:
             client.set_model_version_tag(name, version.version, key, value)
-    client.update_model_version(
-        name, version.version, description=_description(tags, accuracy, hosts)
-    )
+    description = _description(tags, accuracy, hosts)
+    client.update_model_version(name, version.version, description=description)
     champion = _promote(client, name, version, accuracy, tags)
     return f"registered {name} version {version.version} ({champion})"
 
@@ -110,10 +107,8 @@ def _promote(client, name: str, version, accuracy: float, tags: dict) -> str:
     # Two hosts evaluating at once race to set the alias: the loser looks at the champion again.
     for attempt in range(3):
         champion, best = _champion(client, name)
-        if champion is None:
-            promoted = experiment is None
-        else:
-            promoted = accuracy > best and champion.version != version.version
+        beats = champion is not None and accuracy > best and champion.version != version.version
+        promoted = experiment is None if champion is None else beats
         if not promoted:
             break
         try:
@@ -151,8 +146,7 @@ def _version(client, name: str, model_id: str, tags: dict):
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.tags.get(CHECKPOINT_TAG) == md5 or version.source == f"models:/{model_id}":
             return version
-    # MLflow's own registration links the version to the logged model; its stderr lines repeat
-    # what `register` returns.
+    # MLflow's registration links the version to the logged model; its stderr repeats our line.
     with contextlib.redirect_stderr(io.StringIO()):
         return mlflow.register_model(f"models:/{model_id}", name)
 

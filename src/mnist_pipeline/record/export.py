@@ -1,13 +1,9 @@
 """The export record: this host's figures of the three forms, and the ONNX forms as child runs.
 
-A run keeps one value per metric name: so the training run holds the PyTorch form's figures under
-the shared names (`test/accuracy`, ...) and the others' under their own (`int8/test/accuracy`),
-and each ONNX form's child run its figures under the shared names, linked to its logged model:
-the Models tab lines the forms up in one column. ONNX and ONNX Runtime are imported inside the
-functions that use them: an evaluation-only sync does without.
+The training run holds the PyTorch form's figures under the shared names (`test/accuracy`) and the
+others' under their own (`int8/test/accuracy`); each ONNX form's child run holds its own under the
+shared names, so the Models tab lines the forms up. ONNX is imported inside the functions.
 """
-
-from __future__ import annotations
 
 import json
 

@@ -1,10 +1,5 @@
-"""A search's runs: a parent per search and a child per trial.
-
-Kept apart from the pipeline's: own names, `run.kind` search or trial, the variant under
-`search.variant` (grouping by `variant` shows pipeline runs only).
-"""
-
-from __future__ import annotations
+"""A search's runs: a parent per search and a child per trial, the variant under `search.variant`
+(grouping by `variant` shows pipeline runs only)."""
 
 import contextlib
 
