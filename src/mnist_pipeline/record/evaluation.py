@@ -51,7 +51,7 @@ def record_evaluation(
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     runs.log_datasets(run_id, {"evaluation": test_set})
-    model_id = torch_model_id(run)
+    model_id = logged_model_id(run)
     link = {"model_id": model_id, "dataset_name": test_set.name, "dataset_digest": test_set.digest}
     shown = {k: v for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
     client.log_batch(run_id, metrics=as_metrics(shown, **link))
@@ -63,13 +63,11 @@ def record_evaluation(
     return line
 
 
-def torch_model_id(run) -> str | None:
-    """The logged model the training record made for `run` (its PyTorch form)."""
-    found = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{FORM_TAG}` = 'torch'",
-        output_format="list",
-    )
+def logged_model_id(run, form: str | None = "torch") -> str | None:
+    """The id of the logged model `run` made (of `form`; None: any), or None."""
+    where = f"source_run_id = '{run.info.run_id}'"
+    where += f" AND tags.`{FORM_TAG}` = '{form}'" if form else ""
+    found = mlflow.search_logged_models([run.info.experiment_id], where, output_format="list")
     return found[0].model_id if found else None
 
 

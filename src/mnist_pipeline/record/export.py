@@ -7,7 +7,6 @@ shared names, so the Models tab lines the forms up. ONNX is imported inside the 
 
 import json
 
-import mlflow
 from mlflow.entities import Param
 
 from mnist_pipeline import host, tracking
@@ -16,7 +15,7 @@ from mnist_pipeline.export import QUANTISATION
 from mnist_pipeline.models import inference_model
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.record.agree import latency_on, measured_digest
-from mnist_pipeline.record.evaluation import torch_model_id
+from mnist_pipeline.record.evaluation import logged_model_id
 from mnist_pipeline.record.training import FORM_TAG, Training, as_metrics, log_model
 
 MEASURED_TAG = "record.measured"  # the export outputs this run's host measured
@@ -48,7 +47,7 @@ def record_export(store: runs.Store, run, training: Training, measured: dict) ->
     test_set = training.datasets()["evaluation"]
     sizes = json.loads(training.outputs.export_metrics.read_text())
     forms = measured["forms"]
-    model_ids = {"torch": torch_model_id(run)}
+    model_ids = {"torch": logged_model_id(run)}
     children = _form_runs(store, run, training)
     model_ids |= {form: model_id for form, (_, model_id) in children.items()}
     metrics = []
@@ -89,14 +88,9 @@ def _form_runs(store: runs.Store, run, training: Training) -> dict:
     )
     children = {}
     for child in found:
-        form = child.data.tags.get(FORM_TAG)
-        model = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{child.info.run_id}'",
-            output_format="list",
-        )
-        if form in ONNX_FORMS and model:
-            children[form] = (child.info.run_id, model[0].model_id)
+        form, model_id = child.data.tags.get(FORM_TAG), logged_model_id(child, form=None)
+        if form in ONNX_FORMS and model_id:
+            children[form] = (child.info.run_id, model_id)
     for form in ONNX_FORMS:
         if form not in children:
             children[form] = _form_run(store, run, training, form)
