@@ -20,16 +20,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from mnist_pipeline import dataset
 from mnist_pipeline.config import DataConfig
-from mnist_pipeline.dataset import (
-    CHUNK,
-    FILES,
-    BadIdx,
-    check_idx_file,
-    expected_checksums,
-    file_md5,
-    shown_path,
-)
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import atomic_path
 from mnist_pipeline.paths import data_dir
@@ -99,18 +91,18 @@ class _Counted(io.RawIOBase):
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
     """A gzip stream's content (every member), chunk by chunk; a stream that is not gzip passes as
     is. Refuses truncated or corrupt gzip and HTML error pages."""
-    stream = io.BufferedReader(_Counted(raw, progress), CHUNK)
-    head = stream.peek(CHUNK)  # a whole buffer, not two bytes: error pages may open with blanks
+    stream = io.BufferedReader(_Counted(raw, progress), dataset.CHUNK)
+    head = stream.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
     if not head:
         raise MirrorFailure("served an empty file")
     if head[:2] != GZIP_MAGIC:
         if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
             raise MirrorFailure("served an HTML page, not the data")
-        yield from iter(lambda: stream.read(CHUNK), b"")
+        yield from iter(lambda: stream.read(dataset.CHUNK), b"")
         return
     try:
         with gzip.GzipFile(fileobj=stream, mode="rb") as content:
-            yield from iter(lambda: content.read(CHUNK), b"")
+            yield from iter(lambda: content.read(dataset.CHUNK), b"")
     except EOFError:
         raise MirrorFailure("truncated gzip file") from None
     except (gzip.BadGzipFile, zlib.error) as err:
@@ -135,8 +127,8 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
                     f"content MD5 {digest.hexdigest()} is not the expected {expected_md5} "
                     "(corrupt file or wrong data set)"
                 )
-            check_idx_file(tmp, name)
-    except BadIdx as err:
+            dataset.check_idx_file(tmp, name)
+    except dataset.BadIdx as err:
         raise MirrorFailure(str(err)) from None
     except (OSError, http.client.HTTPException) as err:
         # HTTPException: IncompleteRead, a chunked reply cut off
@@ -150,7 +142,7 @@ def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
 
 def how_to_fix(data: DataConfig) -> str:
     """What would work (never the setting that just failed): a mirror of one's own (README)."""
-    files = " ".join(f"{name}.gz" for name in FILES)
+    files = " ".join(f"{name}.gz" for name in dataset.FILES)
     source = data.dataset_mirrors[0] if data.dataset_mirrors else "a public mirror"
     hint = (
         f"To work offline, fetch {files} from {source} on a machine with internet into a "
@@ -181,10 +173,11 @@ def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -
 def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[str], None]) -> None:
     for stale in folder.glob(".*.tmp"):  # a process killed mid-write left it
         stale.unlink(missing_ok=True)
-    checksums = expected_checksums(data.dataset)
-    missing = [n for n in FILES if not _is_valid(folder / n, checksums[n])]
+    checksums = dataset.expected_checksums(data.dataset)
+    missing = [n for n in dataset.FILES if not _is_valid(folder / n, checksums[n])]
+    where = dataset.shown_path(folder, root)
     if not missing:
-        log(f"{shown_path(folder, root)}: all {len(FILES)} files present and valid; nothing to do")
+        log(f"{where}: all {len(dataset.FILES)} files present and valid; nothing to do")
         return
     mirrors = mirrors_to_try(data)
     if not mirrors:
@@ -204,12 +197,11 @@ def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[st
             break
         else:
             raise PipelineError(
-                f"could not get a valid {name}.gz for {data.dataset}; tried "
-                + "; ".join(tried)
-                + f". {how_to_fix(data)}"
+                f"could not get a valid {name}.gz for {data.dataset}; tried {'; '.join(tried)}. "
+                + how_to_fix(data)
             )
-    log(f"{shown_path(folder, root)}: {len(FILES)} files ready")
+    log(f"{where}: {len(dataset.FILES)} files ready")
 
 
 def _is_valid(path: Path, md5: str) -> bool:
-    return path.is_file() and file_md5(path) == md5
+    return path.is_file() and dataset.file_md5(path) == md5

@@ -24,21 +24,12 @@ def collect(params: Params, root: Path) -> pd.DataFrame:
                 f"`dvc repro evaluate@{variant}` first"
             )
         train, test = (json.loads(p.read_text()) for p in files.values())
-        rows.append(
-            {
-                "variant": variant,
-                "params": train["params"],
-                "optimizer": recipe.optimizer,
-                "lr": recipe.lr,
-                "batch_size": recipe.batch_size,
-                "epochs": recipe.epochs,
-                "kept_epoch": train.get("kept_epoch"),
-                "val_accuracy": train.get("val/accuracy"),
-                "test_accuracy": test["test/accuracy"],
-                "test_loss": test["test/loss"],
-                "test_f1_macro": test["test/f1_macro"],
-            }
-        )
+        row = {"variant": variant, "params": train["params"]}
+        row |= {k: getattr(recipe, k) for k in ("optimizer", "lr", "batch_size", "epochs")}
+        row |= {"kept_epoch": train.get("kept_epoch"), "val_accuracy": train.get("val/accuracy")}
+        tested = ("test/accuracy", "test/loss", "test/f1_macro")
+        row |= {k.replace("/", "_"): test[k] for k in tested}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -264,9 +264,8 @@ def _best_trial(grid):
     for result in grid:
         if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):
             continue
-        checkpoint, kept = max(
-            result.best_checkpoints or [(None, result.metrics)], key=lambda c: c[1][METRIC]
-        )
+        saved = result.best_checkpoints or [(None, result.metrics)]
+        checkpoint, kept = max(saved, key=lambda c: c[1][METRIC])
         if best is None or kept[METRIC] > best[2]:
             best = (result, checkpoint, float(kept[METRIC]))
     return best
