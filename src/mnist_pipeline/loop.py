@@ -127,7 +127,7 @@ def fit(setup: SetUp, *, recipe: Recipe, keep: str, on_epoch: OnEpoch, label: st
     split, the first epoch to reach the best validation accuracy; otherwise the last."""
     model, train_data, val_data = setup.model, setup.train, setup.val
     history: list[dict[str, float]] = []
-    best = BestEpoch()
+    best = None  # (validation accuracy, epoch, weights) of the first epoch to reach the best
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         desc = f"{label} {epoch}/{recipe.epochs}"
@@ -141,34 +141,18 @@ def fit(setup: SetUp, *, recipe: Recipe, keep: str, on_epoch: OnEpoch, label: st
                 f"{label}: training loss became {loss} in epoch {epoch}; the recipe diverged. "
                 f"Try a lower learning rate than {recipe.lr} (variants.{label}.lr)"
             )
-        row = {
-            "train/loss": loss,
-            "train/accuracy": acc,
-            "time/epoch_seconds": seconds,
-            "time/samples_per_second": len(train_data.y) / seconds,
-        }
+        row = {"train/loss": loss, "train/accuracy": acc, "time/epoch_seconds": seconds}
+        row["time/samples_per_second"] = len(train_data.y) / seconds
         if val_data is not None:
             row["val/loss"], row["val/accuracy"] = evaluate_split(model, val_data)
-            best.offer(epoch, row["val/accuracy"], model)
+            if best is None or row["val/accuracy"] > best[0]:  # a tie keeps the earlier epoch
+                best = (row["val/accuracy"], epoch, _copy(model))
         on_epoch(row, epoch)
         history.append({"epoch": epoch, **row})
         print(f"{label} epoch {epoch}/{recipe.epochs}: {_shown(row)}", flush=True)
-    if keep == "best" and best.state is not None:
-        return Fit(history, best.epoch, best.state)
+    if keep == "best" and best is not None:
+        return Fit(history, best[1], best[2])
     return Fit(history, recipe.epochs, _copy(model))
-
-
-@dataclass
-class BestEpoch:
-    """The first epoch to reach the best validation accuracy so far, and its weights."""
-
-    epoch: int = 0
-    accuracy: float = -1.0
-    state: dict[str, torch.Tensor] | None = None
-
-    def offer(self, epoch: int, accuracy: float, model: nn.Module) -> None:
-        if accuracy > self.accuracy:  # a tie keeps the earlier epoch
-            self.epoch, self.accuracy, self.state = epoch, accuracy, _copy(model)
 
 
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:

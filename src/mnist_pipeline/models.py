@@ -18,7 +18,6 @@ from mnist_pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh")  # names of torch.nn layers, see build_model
 HEADS = ("logits", "softmax")
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
@@ -59,7 +58,7 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
         if activation not in activations:
             raise ConfigError(
                 f"models.py: variant {variant!r} uses activation {activation!r}; "
-                f"known activations: {', '.join(ACTIVATIONS)}"
+                f"known activations: {', '.join(activations)}"
             )
     if arch.head not in HEADS:
         raise ConfigError(

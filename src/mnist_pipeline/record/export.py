@@ -109,20 +109,15 @@ def _form_run(store: runs.Store, run, training: Training, form: str) -> tuple[st
     if form == "int8":
         params |= {f"quantisation.{k}": v for k, v in QUANTISATION.items()}
     child_tags = {k: v for k, v in tags.items() if k.startswith(("host", "cpu.", "git.", "data."))}
-    child_tags |= {
-        "mlflow.parentRunId": run.info.run_id,
-        runs.RUN_KIND_TAG: "form",
-        FORM_TAG: form,
-        "device": "cpu",
-        runs.NOTE_TAG: (
-            f"The {form} form of {run.info.run_name} (ONNX Runtime, CPU), exported from its "
-            f"checkpoint `{training.md5[:12]}`: its logged model, and the figures of it that "
-            f"host `{tags.get('host')}` measured."
-        ),
-    }
-    child = client.create_run(
-        run.info.experiment_id, run_name=f"{run.info.run_name} · {form}", tags=child_tags
+    note = (
+        f"The {form} form of {run.info.run_name} (ONNX Runtime, CPU), exported from its "
+        f"checkpoint `{training.md5[:12]}`: its logged model, and the figures of it that "
+        f"host `{tags.get('host')}` measured."
     )
+    child_tags |= {"mlflow.parentRunId": run.info.run_id, runs.RUN_KIND_TAG: "form"}
+    child_tags |= {FORM_TAG: form, "device": "cpu", runs.NOTE_TAG: note}
+    name = f"{run.info.run_name} · {form}"
+    child = client.create_run(run.info.experiment_id, run_name=name, tags=child_tags)
     client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     model_id = log_model(child, model, form, params, named_after=run)
     client.set_terminated(child.info.run_id, "FINISHED")

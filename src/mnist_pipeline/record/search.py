@@ -2,6 +2,7 @@
 (grouping by `variant` shows pipeline runs only)."""
 
 import contextlib
+import socket
 
 from mlflow.entities import Param
 
@@ -25,10 +26,8 @@ def search_tags(store: runs.Store, variant: str, kind: str) -> dict[str, str]:
 @contextlib.contextmanager
 def search_run(store: runs.Store, variant: str, description: dict[str, str], inputs: dict):
     """The search's parent run, on the driver, its settings and data (`inputs`) logged first."""
-    tags = search_tags(store, variant, "search") | {
-        "host": host.host_label(),
-        "hostname": host.machine_tags()["hostname"],
-    }
+    tags = search_tags(store, variant, "search")
+    tags |= {"host": host.host_label(), "hostname": socket.gethostname()}
     space = description["search.space"]
     tags[runs.NOTE_TAG] = (
         f"Recipe search for {variant} from host {tags['host']}: {description['search.samples']} "
@@ -54,10 +53,9 @@ def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> st
     """End trial `trial_id`'s runs still RUNNING with `how` = (outcome, status), or FINISHED where
     the trial said it completed; its latest outcome."""
     client = tracking.client()
+    newest = ["attributes.start_time DESC"]
     found = client.search_runs(
-        [experiment_id],
-        f"tags.`{TRIAL_TAG}` = '{trial_id}'",
-        order_by=["attributes.start_time DESC"],
+        [experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'", order_by=newest
     )
     for run in found:
         outcome = run.data.tags.get(OUTCOME_TAG)
