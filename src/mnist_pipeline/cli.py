@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _environment_error(err: BaseException) -> str | None:
-    """One line for a failure of the machine (OSError) or the tracking store (MLflow); None for
-    anything else: a bug, which keeps its traceback."""
+    """One line for an OSError or an MLflow error; None for a bug, which keeps its traceback."""
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"

@@ -124,8 +124,7 @@ def compare(params: Params, root: Path, *, exp, all_runs, csv, markdown, chart, 
 def tune(
     params: Params, root: Path, variant: str, *, apply: bool, params_file: Path, **options
 ) -> None:
-    """Search `variant`'s recipe (`options`: `tune.TuneOptions`'s, less early_stopping); with
-    `apply`, write the best into `params_file`."""
+    """Search `variant`'s recipe (`options`: TuneOptions'); `apply`: the best into `params_file`."""
     from mnist_pipeline.tune import TuneOptions, tune
 
     for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():

@@ -88,8 +88,7 @@ def set_up(variant: str, recipe: Recipe, settings: TrainConfig, data: Dataset, d
 
 
 def train_epoch(model, optimizer, data: Split, batch_size: int, *, generator, progress=None):
-    """One pass over `data` (shuffled with a generator); the mean loss and accuracy, reduced after
-    the pass: a step costs no host synchronisation."""
+    """One pass over `data`; the mean loss and accuracy, reduced after: no host sync per step."""
     model.train()
     net = logits_view(model)
     n = len(data.y)

@@ -79,8 +79,7 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
 
 
 def logits_view(model: nn.Sequential) -> nn.Sequential:
-    """All of `model` but a final Softmax: cross-entropy on probabilities would apply a second
-    softmax (the bug in the tutorial that defines mlp_tanh_sigmoid_softmax)."""
+    """All of `model` but a final Softmax: cross-entropy on probabilities is a second softmax."""
     from torch import nn
 
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model

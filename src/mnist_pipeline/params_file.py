@@ -13,8 +13,7 @@ from mnist_pipeline.fileio import write_text_atomic
 
 
 def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
-    """Write `recipe`'s lr (4 significant digits), batch size and epochs into `variants.<variant>`,
-    once the edited text parses to exactly that recipe."""
+    """Write `recipe`'s lr (4 digits), batch size and epochs if the edit parses back to them."""
     rt = YAML()  # set as DVC sets it (dvc/utils/serialize/_yaml.py): `exp run -S` keeps the layout
     rt.default_flow_style = False
     document = rt.load(path.read_text(encoding="utf-8"))

@@ -81,8 +81,7 @@ def _refused(uri: str, what: str, status: str, fix: str) -> PipelineError:
 
 
 def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
-    """(HTTP status, JSON body or None) of one request as MLflow makes it; PipelineError when the
-    server cannot be reached or trusted."""
+    """(HTTP status, JSON body or None) of one request as MLflow makes it, without retries."""
     import requests
     from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import http_request
@@ -240,8 +239,7 @@ _ARTIFACT_COLUMNS = (
 
 
 def follow_a_moved_project(root: Path) -> str | None:
-    """Point the local store's artifact paths (recorded resolved) into this folder's mlartifacts
-    when the project was copied or moved; the old location, or None."""
+    """Point a moved project's local store at this folder's mlartifacts; the old location."""
     here = store_root(root)
     if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
         return None

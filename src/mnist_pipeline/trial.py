@@ -93,8 +93,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
 
 @dataclass
 class _Reporter:
-    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint when
-    the validation accuracy improved (as `train.keep: best`)."""
+    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights when they improved."""
 
     run_id: str
     model: Any

@@ -58,8 +58,7 @@ class SearchResult:
 
 
 def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
-    """Search `variant`'s recipe. Interrupted, the running trials end KILLED, the best so far is
-    recorded if there is one, and the search's run ends KILLED."""
+    """Search `variant`'s recipe; interrupted, the runs end KILLED, the best so far recorded."""
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
@@ -146,8 +145,7 @@ def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[st
 def _tuner(
     job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
 ):
-    """Tune's Tuner: the data put in the object store once, TPE behind a concurrency limit, ASHA,
-    retries, the best checkpoint kept."""
+    """Tune's Tuner: TPE behind a concurrency limit, ASHA, retries, the best checkpoint kept."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -258,8 +256,7 @@ def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
 
 
 def _best_trial(grid):
-    """(result, checkpoint, accuracy) of the trial whose kept (best) epoch scored best, diverged
-    trials left out; None if none is left."""
+    """(result, checkpoint, accuracy) of the best trial that did not diverge, or None."""
     best = None
     for result in grid:
         if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):

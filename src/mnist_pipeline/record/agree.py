@@ -55,8 +55,7 @@ def latency_on() -> bool:
 
 
 def agree(store, training, test=None) -> list[str]:
-    """Make the store hold complete runs for `training`'s checkpoint (`test`: loads the test set);
-    what was done."""
+    """Make the store hold complete runs for `training`'s checkpoint; what was done."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
 
@@ -123,8 +122,7 @@ def _test_set(store):
 
 
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
-    """Make the store agree with every variant's outputs (cheap if the receipt matches, unless
-    `verify`); the number of variants whose record changed."""
+    """Make the store agree with every variant's outputs; how many variants' records changed."""
     outputs = {v: paths.pipeline_outputs(root, v) for v in params.variants}
     outputs = {v: o for v, o in outputs.items() if o.checkpoint.is_file()}
     uri = tracking.tracking_uri(root)

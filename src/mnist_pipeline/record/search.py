@@ -50,8 +50,7 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
 
 
 def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
-    """End trial `trial_id`'s runs still RUNNING with `how` = (outcome, status), or FINISHED where
-    the trial said it completed; its latest outcome."""
+    """End trial `trial_id`'s RUNNING runs with `how` = (outcome, status); its latest outcome."""
     client = tracking.client()
     newest = ["attributes.start_time DESC"]
     found = client.search_runs(

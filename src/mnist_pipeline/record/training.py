@@ -80,8 +80,7 @@ class Training:
 
 @dataclass
 class EpochLogger:
-    """Logs each epoch to run `run_id`. A store that fails mid-run is a warning; the first error
-    is kept."""
+    """Logs each epoch to run `run_id`; a store that fails is a warning, its first error kept."""
 
     run_id: str
     error: str | None = None
@@ -134,8 +133,7 @@ def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
 
 
 def record_training(run_id: str, training: Training, *, live: bool = False) -> str:
-    """From the outputs into run `run_id`: the summary, the history (unless live), the logged model
-    (its id returned), and last the checkpoint's MD5."""
+    """From the outputs into run `run_id`: summary, history, logged model (its id), last the MD5."""
     model, meta = training.checkpoint
     kept_epoch = meta.get("epoch")
     client = tracking.client()
