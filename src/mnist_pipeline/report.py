@@ -33,19 +33,20 @@ def collect(params: Params, root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report(params: Params, root: Path) -> paths.Report:
+def report(params: Params, root: Path) -> tuple[Path, Path, Path]:
     table = collect(params, root)
     out = paths.report_outputs(root)
+    markdown, csv, chart = out
     shown = table.copy()
     for col in ("val_accuracy", "test_accuracy", "test_f1_macro"):
         shown[col] = (shown[col] * 100).map(lambda v: f"{v:.2f}%" if v == v else "")
     shown["test_loss"] = shown["test_loss"].map("{:.4f}".format)
     shown["params"] = shown["params"].map("{:,}".format)
     title = f"# Results: {params.data.dataset}, test set (10,000 images)\n\n"
-    write_text_atomic(out.markdown, title + shown.to_markdown(index=False) + "\n")
-    write_text_atomic(out.csv, table.to_csv(index=False))
-    write_atomic(out.chart, lambda tmp: plots.results(table, tmp, params.data.dataset))
+    write_text_atomic(markdown, title + shown.to_markdown(index=False) + "\n")
+    write_text_atomic(csv, table.to_csv(index=False))
+    write_atomic(chart, lambda tmp: plots.results(table, tmp, params.data.dataset))
     print(shown.to_markdown(index=False))
-    for path in (out.markdown, out.csv, out.chart):
+    for path in out:
         print(f"wrote {path.relative_to(root)}")
     return out

@@ -123,9 +123,8 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     where = f"experiment {experiment_id}" if experiment_id else f"experiment '{experiment}'"
     if not experiment_id:
-        status, body = ask(
-            "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
-        )
+        named = {"experiment_name": experiment}
+        status, body = ask("/api/2.0/mlflow/experiments/get-by-name", params=named)
         if status == 200 and body:
             experiment_id = body["experiment"]["experiment_id"]
         elif status == 403:
@@ -133,11 +132,8 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
             raise _refused(uri, f"{user} reading {where}", "403 Forbidden", fix)
     if experiment_id:
         doing, account = f"writing runs to {where}", "a read-only account"
-        status, _ = ask(
-            "/api/2.0/mlflow/experiments/delete-experiment-tag",
-            "POST",
-            json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
-        )
+        probe = {"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"}
+        status, _ = ask("/api/2.0/mlflow/experiments/delete-experiment-tag", "POST", json=probe)
     else:
         doing, account = f"creating {where}", "an account that may not create experiments"
         status, _ = ask("/api/2.0/mlflow/experiments/create", "POST", json={"name": ""})
