@@ -36,12 +36,8 @@ def train(params: Params, root: Path, variant: str, **overrides) -> str:
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     job = stage.prepare(recipe, variant, root, outputs)
     training = record.Training(variant, outputs, params.data)
-    extra = {
-        "device_resolved": job.device.type,
-        "dataset": job.data.name,
-        "train_size": len(job.setup.train.y),
-        "num_params": count_parameters(job.setup.model),
-    }
+    extra = {"device_resolved": job.device.type, "dataset": job.data.name}
+    extra |= {"train_size": len(job.setup.train.y), "num_params": count_parameters(job.setup.model)}
     values, checksum = job.values, job.data.checksum
     with signals.between_steps():
         with record.live_run(

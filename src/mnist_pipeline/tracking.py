@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ruamel.yaml import YAML, YAMLError
+
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
 
@@ -149,8 +151,6 @@ def _restore_hint(root: Path | None) -> str:
     stage = os.environ.get("DVC_STAGE")
     if not stage or root is None or not (root / "dvc.lock").is_file():
         return ""
-    from ruamel.yaml import YAML, YAMLError
-
     try:
         lock = YAML(typ="safe").load((root / "dvc.lock").read_text())
         outs = lock["stages"][stage].get("outs", [])

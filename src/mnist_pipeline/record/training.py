@@ -193,6 +193,7 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
     )
     common = {"name": name, "model_id": logged.model_id, "signature": signature()}
     common["input_example"] = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
+    # The flavours (and ONNX) are imported here: an evaluation-only sync never needs them.
     if form == "torch":
         from mlflow import pytorch as flavour
 
