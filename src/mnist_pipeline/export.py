@@ -44,11 +44,8 @@ def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
     int8 = _guarded(variant, "int8 quantisation", lambda: quantise(fp32))
     for target, data in ((outputs.onnx, fp32), (outputs.int8, int8)):
         write_atomic(target, lambda tmp, data=data: tmp.write_bytes(data))
-    sizes = {
-        "torch/bytes": outputs.checkpoint.stat().st_size,
-        "onnx/bytes": len(fp32),
-        "int8/bytes": len(int8),
-    }
+    sizes = {"torch/bytes": outputs.checkpoint.stat().st_size}
+    sizes |= {"onnx/bytes": len(fp32), "int8/bytes": len(int8)}
     write_json_atomic(outputs.export_metrics, sizes)
     shown = ", ".join(f"{k.split('/')[0]} {v / 1e3:.0f} kB" for k, v in sizes.items())
     folder = outputs.export_dir

@@ -68,14 +68,8 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
     inputs = runs.training_inputs(params.data, data.checksum, **split)
     description = _describe(space, options, variant)
     with _ray(address, store.uri), record.search_run(store, variant, description, inputs) as parent:
-        job = TrialJob(
-            variant=variant,
-            params=params,
-            experiment_id=store.experiment_id,
-            parent_run_id=parent.info.run_id,
-            tags=record.search_tags(store, variant, "trial"),
-            data_digest=tensor_digest(data),
-        )
+        tags, digest = record.search_tags(store, variant, "trial"), tensor_digest(data)
+        job = TrialJob(variant, params, store.experiment_id, parent.info.run_id, tags, digest)
         outcomes = _trial_outcomes(store.experiment_id)
         grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
         if sum(outcomes.counts.values()) >= options.samples:

@@ -118,14 +118,7 @@ class EndRun(Exception):
 
 
 @contextlib.contextmanager
-def started_run(
-    experiment_id: str,
-    *,
-    name: str,
-    tags: dict,
-    system_metrics: bool = False,
-    parent_run_id: str | None = None,
-):
+def started_run(experiment_id, *, name: str, tags: dict, system_metrics=False, parent_run_id=None):
     """A new run, a child of `parent_run_id` or of `mlflow run`'s, ended FINISHED, FAILED on an
     error, KILLED on Ctrl-C or SIGTERM. A store that fails at the end is only a warning."""
     if system_metrics:
