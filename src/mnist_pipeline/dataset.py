@@ -166,9 +166,7 @@ def load_dataset(root: Path, dataset: str, verify: bool = True) -> Dataset:
                     f"{shown_path(folder / name, root)}: content does not match its checksum "
                     f"(corrupt or truncated); {fix}, which replaces it"
                 )
-    tensors = {name: read_idx(folder / name) for name in FILES}
-    train_x, train_y = tensors[FILES[0]], tensors[FILES[1]]
-    test_x, test_y = tensors[FILES[2]], tensors[FILES[3]]
+    train_x, train_y, test_x, test_y = (read_idx(folder / name) for name in FILES)
     for split, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
         if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28) or y.dim() != 1:
             raise PipelineError(f"{where}: {split} files have unexpected shapes; {fix}")

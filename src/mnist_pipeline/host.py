@@ -59,14 +59,9 @@ def machine_tags(device=None) -> dict[str, str]:
     """The machine a run ran on (on a cluster: its node); with a `torch.device`, the device too."""
     import torch
 
-    tags = {
-        "host": host_label(),
-        "hostname": socket.gethostname(),
-        **cpu_tags(),
-        "torch.version": torch.__version__,
-        "cuda.version": torch.version.cuda or "none",
-        "platform": platform.platform(),
-    }
+    tags = {"host": host_label(), "hostname": socket.gethostname(), **cpu_tags()}
+    tags |= {"torch.version": torch.__version__, "cuda.version": torch.version.cuda or "none"}
+    tags["platform"] = platform.platform()
     if device is not None:
         tags |= {"device": device.type, "device.name": device_name(device)}
         if device.type == "cuda":
