@@ -170,11 +170,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
             f"no experiment named {experiment!r} at {uri}; experiments there: "
             f"{', '.join(names) or 'none'} (choose one with --experiment)"
         )
-    raw = mlflow.search_runs(
-        experiment_ids=[found.experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    finished, newest = "attributes.status = 'FINISHED'", ["attributes.start_time DESC"]
+    raw = mlflow.search_runs([found.experiment_id], finished, order_by=newest)
     columns = {"run_id": "run_id", "start_time": "start_time"}
     columns |= {f"tags.{tag}": column for tag, column in TAGS.items()}
     columns |= {f"metrics.{metric}": metric for metric, _, _ in COLUMNS}

@@ -161,9 +161,8 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         product = f"{node.output[0]}_matmul" if bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight.name], [product], node.name))
         if bias:
-            nodes.append(
-                helper.make_node("Add", [product, bias], [node.output[0]], f"{node.name}_b")
-            )
+            add = helper.make_node("Add", [product, bias], [node.output[0]], f"{node.name}_b")
+            nodes.append(add)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]  # shapes of the old layout; the quantiser infers them again
