@@ -245,10 +245,8 @@ def follow_a_moved_project(root: Path) -> str | None:
             found = {row[0] for row in db.execute("SELECT artifact_location FROM experiments")}
         except sqlite3.Error:
             return None  # not a store (yet): MLflow says what is wrong when it opens it
-        moved = sorted(
-            a for a in found if a and a.startswith("file://") and a.endswith("/mlartifacts")
-        )
-        moved = [a for a in moved if a != new]
+        local = [a for a in found if a and a.startswith("file://") and a.endswith("/mlartifacts")]
+        moved = sorted(a for a in local if a != new)
         with db:  # one transaction: all paths move, or none
             for old in moved:
                 for table, column in _ARTIFACT_COLUMNS:
