@@ -1,11 +1,8 @@
 """The checkpoint format: save, load, and refuse what is not ours.
 
-A checkpoint holds the kept epoch's weights and what rebuilds the model (variant, recipe, data
-set), and nothing that differs between two runs of one recipe: an identical retrain gives the
-same bytes, and DVC re-runs nothing downstream. Its MLflow run finds it by MD5, not written in.
+The kept epoch's weights and what rebuilds the model, nothing that differs between two runs of one
+recipe: an identical retrain gives the same bytes, and DVC re-runs nothing downstream.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import io
@@ -38,8 +35,7 @@ def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: An
     payload = {"format": FORMAT, **meta, "state_dict": state}
 
     def write(tmp: Path) -> None:
-        # Serialised in memory, written by Python: a full disk is an OSError write_atomic reports
-        # (torch's writer says "unexpected pos"); fsync: on disk before it replaces the old one.
+        # Serialised in memory: a full disk is an OSError (torch's writer says "unexpected pos").
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         with tmp.open("wb") as f:
@@ -51,8 +47,7 @@ def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: An
 
 
 def load(path: Path, variant: str | None = None) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The model (in eval mode) and the payload of a checkpoint this pipeline wrote. weights_only:
-    a file that is not ours, or carries code, is refused, never executed."""
+    """The model (in eval mode) and payload of one of our checkpoints; others are refused unrun."""
     if not path.is_file():
         name = variant or "<variant>"
         raise PipelineError(

@@ -13,8 +13,6 @@
 A user mistake ends with one line on stderr and exit code 2 (bad input) or 1, never a traceback.
 """
 
-from __future__ import annotations
-
 import argparse
 import atexit
 import contextlib
@@ -121,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _environment_error(err: BaseException) -> str | None:
-    """One line for a failure of the machine (OSError) or the tracking store (MLflow); None for
-    anything else: a bug, which keeps its traceback."""
+    """One line for an OSError or an MLflow error; None for a bug, which keeps its traceback."""
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"
@@ -133,32 +130,18 @@ def _environment_error(err: BaseException) -> str | None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to sys.stderr as it is at each record: basicConfig runs once per process, and
-    in-process callers (the tests) swap sys.stderr."""
+    """Writes to sys.stderr as it is at each record: in-process callers (the tests) swap it."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
 def entry() -> None:
     """`main()`, then a quick exit: the interpreter's own shutdown frees a stage's half a million
-    objects one by one, 1.3 s to 3.4 s on 2 cores (benchmarks/README.md). So, unless a non-daemon
-    thread still works, the exit handlers run (MLflow's too), the streams are flushed, and the
-    process ends. An uncaught exception (a bug) takes the normal exit, with its traceback."""
+    objects one by one, 1.3 s to 3.4 s on 2 cores (benchmarks/README.md). Unless a non-daemon
+    thread still works, the exit handlers run, the streams are flushed and the process ends."""
     code = main()
-    if any(
-        t.is_alive() and not t.daemon
-        for t in threading.enumerate()
-        if t is not threading.main_thread()
-    ):
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(t.is_alive() and not t.daemon for t in others):
         sys.exit(code)  # let the interpreter wait for them
     atexit._run_exitfuncs()
     logging.shutdown()
@@ -169,14 +152,13 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = _StderrHandler()
+    handler = _StderrHandler()  # basicConfig runs once per process
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), handlers=[handler])
     # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if "MNIST_PIPELINE_LOG" not in os.environ:
-        # A tracking server that goes away: MLflow's HTTP retries and its system-metrics thread
-        # would each print warnings; the pipeline says what happened in a line of its own.
+        # A server that goes away: the pipeline says so in one line, not MLflow's many warnings.
         for name in ("urllib3.connectionpool", "mlflow.system_metrics", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)

@@ -1,13 +1,9 @@
 """Each command below the command line: run the stage, then record it in MLflow.
 
-A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run,
-a one-off's at once, the pipeline's other outputs in `sync`, dvc.yaml's last stage. Neither this
-module nor `cli.py` is a stage's dependency: they choose what runs, not what it writes. Each
-command imports its stage and recording inside its function: they load torch, MLflow or ONNX,
-and a command pays only for what it uses.
+A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run, a
+one-off's at once, the pipeline's other outputs in `sync`. Each command imports its stage and
+recording inside its function (torch, MLflow or ONNX): a command pays only for what it uses.
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -27,9 +23,8 @@ def download(params: Params, root: Path) -> None:
 
 
 def train(params: Params, root: Path, variant: str, **overrides) -> str:
-    """Train `variant` (its recipe with `overrides`: a one-off when they change it) in a live
-    MLflow run; the run's id. A signal ends the run KILLED between two steps, saving nothing;
-    once saving has begun, it waits for the record to be complete."""
+    """Train `variant` (with `overrides`: a one-off when they change it) in a live MLflow run; the
+    run's id. A signal ends the run KILLED, saving nothing; once saving has begun, it waits."""
     from mnist_pipeline import train as stage
     from mnist_pipeline.device import resolve_device
     from mnist_pipeline.record import store as runs
@@ -41,12 +36,8 @@ def train(params: Params, root: Path, variant: str, **overrides) -> str:
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     job = stage.prepare(recipe, variant, root, outputs)
     training = record.Training(variant, outputs, params.data)
-    extra = {
-        "device_resolved": job.device.type,
-        "dataset": job.data.name,
-        "train_size": len(job.setup.train.y),
-        "num_params": count_parameters(job.setup.model),
-    }
+    extra = {"device_resolved": job.device.type, "dataset": job.data.name}
+    extra |= {"train_size": len(job.setup.train.y), "num_params": count_parameters(job.setup.model)}
     values, checksum = job.values, job.data.checksum
     with signals.between_steps():
         with record.live_run(
@@ -73,15 +64,12 @@ def _check_logged(error: str | None, variant: str, outputs, root: Path, uri: str
     if error is None:
         return
     saved = ", ".join(str(p.relative_to(root)) for p in (outputs.checkpoint, outputs.train_metrics))
-    again = (
-        f"mnist-pipeline evaluate --variant {variant} --one-off"
-        if outputs.one_off
-        else "mnist-pipeline sync"
-    )
+    again = f"evaluate --variant {variant} --one-off" if outputs.one_off else "sync"
     raise PipelineError(
         f"{variant}: the tracking store at {uri} failed during training ({error}); training "
         f"finished and its results are saved ({saved}). When the store takes them again (it "
-        f"answers, or accepts this account), `{again}` records them (or re-run the training)"
+        f"answers, or accepts this account), `mnist-pipeline {again}` records them (or re-run "
+        "the training)"
     )
 
 
@@ -132,8 +120,7 @@ def compare(params: Params, root: Path, *, exp, all_runs, csv, markdown, chart, 
 def tune(
     params: Params, root: Path, variant: str, *, apply: bool, params_file: Path, **options
 ) -> None:
-    """Search `variant`'s recipe (`options`: `tune.TuneOptions`'s, less early_stopping); with
-    `apply`, write the best into `params_file`."""
+    """Search `variant`'s recipe (`options`: TuneOptions'); `apply`: the best into `params_file`."""
     from mnist_pipeline.tune import TuneOptions, tune
 
     for flag, least in {"samples": 1, "max_concurrent": 1, "max_failures": 0}.items():

@@ -1,17 +1,10 @@
 """Compare: the tracking store as one table, variants × host/device.
 
-    mnist-pipeline compare                                  # latest run per variant, host, device
-    mnist-pipeline compare --hosts laptop,gpu-box --variants ffn1_relu,mlp512_relu
-    mnist-pipeline compare --all-runs --csv cmp.csv --markdown cmp.md --chart cmp.png
-    mnist-pipeline compare --exp bulky-pita         # a DVC experiment beside its baseline
-
 Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
 else the accuracy difference), test accuracy, training speed, and each form's measured figures.
 Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
 by `sync` shows as device `rebuilt`.
 """
-
-from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,9 +58,8 @@ def compare(
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Print (and write where asked) the table; return it, numbers unformatted. Columns: (`host ·
-    device`, metric); rows: variants, or (variant, run) with `latest_only=False` (1: the latest).
-    With `dvc_exp`, the groups are that experiment's runs and its baseline commit's, per host."""
+    """Print (and write where asked) the table; return it, numbers unformatted. Rows: variants, or
+    (variant, run) with `latest_only=False`; with `dvc_exp`, that experiment beside its baseline."""
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)
@@ -115,8 +107,7 @@ def _keep(runs: pd.DataFrame, column: str, wanted, where: str, missing: str) -> 
 
 
 def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
-    """DVC experiment `name`'s runs and its baseline commit's (outside any experiment), each
-    group labelled by what it is and its host."""
+    """DVC experiment `name`'s runs and its baseline commit's, labelled as such and by host."""
     ours = runs[runs["exp"] == name]
     if ours.empty:
         present = ", ".join(sorted(runs["exp"].dropna().unique())) or "none"
@@ -170,8 +161,7 @@ def _check_store_exists(uri: str) -> None:
 
 
 def training_runs(uri: str, experiment: str) -> pd.DataFrame:
-    """The experiment's finished training runs, newest first: run_id, start_time, the TAGS'
-    columns and the COLUMNS' metrics (NaN where missing)."""
+    """The experiment's finished training runs, newest first: the TAGS' and COLUMNS' columns."""
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage != "active":
@@ -180,11 +170,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
             f"no experiment named {experiment!r} at {uri}; experiments there: "
             f"{', '.join(names) or 'none'} (choose one with --experiment)"
         )
-    raw = mlflow.search_runs(
-        experiment_ids=[found.experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    finished, newest = "attributes.status = 'FINISHED'", ["attributes.start_time DESC"]
+    raw = mlflow.search_runs([found.experiment_id], finished, order_by=newest)
     columns = {"run_id": "run_id", "start_time": "start_time"}
     columns |= {f"tags.{tag}": column for tag, column in TAGS.items()}
     columns |= {f"metrics.{metric}": metric for metric, _, _ in COLUMNS}
@@ -207,9 +194,8 @@ def training_runs(uri: str, experiment: str) -> pd.DataFrame:
 
 def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     """Rows: variants in the order of models.VARIANTS; columns: (`host · device`, metric)."""
-    runs = runs.sort_values("start_time", ascending=False).assign(
-        group=runs["host"] + " · " + runs["device"]
-    )
+    runs = runs.assign(group=runs["host"] + " · " + runs["device"])
+    runs = runs.sort_values("start_time", ascending=False)
     if latest_only:
         runs = runs.drop_duplicates(["variant", "group"])
         index: str | list[str] = "variant"
@@ -227,17 +213,15 @@ def pivot(runs: pd.DataFrame, latest_only: bool = True) -> pd.DataFrame:
     table.columns.names = ["host · device", "metric"]
     # The registry's order; a variant it does not know (a newer checkout's) goes last.
     order = {name: i for i, name in enumerate(VARIANTS)}
-    return table.sort_index().sort_index(
-        key=lambda level: level.map(
-            lambda v: order.get(v, len(order)) if isinstance(v, str) else v
-        ),
-        kind="stable",
-    )
+
+    def rank(level: pd.Index) -> pd.Index:
+        return level.map(lambda v: order.get(v, len(order)) if isinstance(v, str) else v)
+
+    return table.sort_index().sort_index(key=rank, kind="stable")
 
 
 def _same_bytes(table: pd.DataFrame, group: str, first: str) -> pd.Series:
-    """Per row: `same` where `group`'s checkpoint has `first`'s bytes, else its test accuracy
-    less `first`'s, in points."""
+    """Per row: `same` where `group`'s checkpoint is `first`'s, else the accuracy difference."""
     mine, theirs = table[(group, "checkpoint")], table[(first, "checkpoint")]
     delta = (table[(group, "test/accuracy")] - table[(first, "test/accuracy")]) * 100
     shown = [

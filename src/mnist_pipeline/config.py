@@ -3,8 +3,6 @@
 Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -120,8 +118,7 @@ LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_
 
 @dataclass(frozen=True, config=_SECTION)
 class SearchSpace(_Section):
-    """What `tune` searches for one variant: lr log-uniformly between its bounds, batch size and
-    epochs among choices; the rest of the recipe is the variant's own."""
+    """What `tune` searches for one variant: lr log-uniformly, batch size and epochs by choice."""
 
     lr: LrBounds
     batch_size: Choices
@@ -135,19 +132,23 @@ class SpaceReplacement(_Section):
     epochs: Choices | None = None
 
 
-def _known_variant(name: str) -> str:
+def check_variant(name: str, error: type[Exception] = ConfigError) -> str:
+    """`name`, if models.py defines it (`error`: ValueError inside a pydantic validator)."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from: {', '.join(VARIANTS)}")
+        raise error(f"unknown variant {name!r}; choose from: {', '.join(VARIANTS)}")
     return name
+
+
+_Variant = Annotated[str, AfterValidator(lambda name: check_variant(name, ValueError))]
 
 
 @dataclass(frozen=True, config=_SECTION)
 class TuneSection(SearchSpace):
     """The shared search space, and per-variant replacements of its keys (SpaceReplacement)."""
 
-    variants: Annotated[
-        dict[Annotated[str, AfterValidator(_known_variant)], SpaceReplacement], _EMPTY_IF_NONE
-    ] = Field(default_factory=dict)
+    variants: Annotated[dict[_Variant, SpaceReplacement], _EMPTY_IF_NONE] = Field(
+        default_factory=dict
+    )
 
     def space(self, variant: str) -> SearchSpace:
         own = self.variants.get(variant, SpaceReplacement())
@@ -201,12 +202,6 @@ class Params(_Section):
                 f"add one (recipes present: {', '.join(self.variants)})"
             )
         return self.variants[variant]
-
-
-def check_variant(name: str) -> str:
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; choose from: {', '.join(VARIANTS)}")
-    return name
 
 
 _SAYS = {  # pydantic's error type -> what is allowed, in params.yaml's words

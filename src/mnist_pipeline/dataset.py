@@ -77,8 +77,7 @@ def shown_path(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-# IDX, read here: torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor) asserts
-# rather than saying what is wrong, and needs torch, which `download` must not load.
+# IDX, read here: torchvision's reader asserts rather than says what is wrong, and needs torch.
 IDX_UBYTE = 0x08
 _MAX_HEADER = 4 + 4 * 255  # the rank is one byte
 _FIX = "re-run `mnist-pipeline download`"
@@ -167,9 +166,7 @@ def load_dataset(root: Path, dataset: str, verify: bool = True) -> Dataset:
                     f"{shown_path(folder / name, root)}: content does not match its checksum "
                     f"(corrupt or truncated); {fix}, which replaces it"
                 )
-    tensors = {name: read_idx(folder / name) for name in FILES}
-    train_x, train_y = tensors[FILES[0]], tensors[FILES[1]]
-    test_x, test_y = tensors[FILES[2]], tensors[FILES[3]]
+    train_x, train_y, test_x, test_y = (read_idx(folder / name) for name in FILES)
     for split, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
         if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28) or y.dim() != 1:
             raise PipelineError(f"{where}: {split} files have unexpected shapes; {fix}")

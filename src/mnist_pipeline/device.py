@@ -1,7 +1,5 @@
 """Where tensors live: the device, CPU threads, and the input every stage feeds a model."""
 
-from __future__ import annotations
-
 import os
 
 import torch

@@ -1,21 +1,15 @@
-"""The download stage: fetch the four IDX files from a mirror, verified.
-
-    mnist-pipeline download                                 # the mirrors in params.yaml
-    MNIST_MIRROR=~/mnist-mirror mnist-pipeline download     # a folder or URL of one's own
+"""The download stage: fetch the four IDX files from a mirror (params.yaml's, or MNIST_MIRROR).
 
 A file is accepted only if its uncompressed content has the canonical MD5 (mirrors re-compress:
 the .gz bytes may differ) and its IDX header fits its size; it is written atomically. torchvision's
 MNIST download checks the .gz files' MD5s, which a re-compressing mirror fails.
 """
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import http.client
 import io
 import os
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,16 +20,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from mnist_pipeline import dataset
 from mnist_pipeline.config import DataConfig
-from mnist_pipeline.dataset import (
-    CHUNK,
-    FILES,
-    BadIdx,
-    check_idx_file,
-    expected_checksums,
-    file_md5,
-    shown_path,
-)
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import atomic_path
 from mnist_pipeline.paths import data_dir
@@ -79,8 +65,7 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         return response, int(length) if length and length.isdigit() else None
     path = folder / name
     if not folder.is_dir():
-        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC, the
-        # project root), which the user may not have in mind
+        # absolute: a relative MNIST_MIRROR is read from the working directory (under DVC: the root)
         raise MirrorFailure(f"no such folder ({folder.resolve()})")
     if not path.is_file():
         raise MirrorFailure("file not found")
@@ -104,33 +89,31 @@ class _Counted(io.RawIOBase):
 
 
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """The content of a gzip stream (every member, as gunzip reads them), chunk by chunk; a stream
-    that is not gzip passes as is. Refuses truncated or corrupt gzip and HTML error pages."""
-    stream = io.BufferedReader(_Counted(raw, progress), CHUNK)
-    head = stream.peek(CHUNK)  # a whole buffer, not two bytes: error pages may open with blanks
+    """A gzip stream's content (every member), chunk by chunk; a stream that is not gzip passes as
+    is. Refuses truncated or corrupt gzip and HTML error pages."""
+    stream = io.BufferedReader(_Counted(raw, progress), dataset.CHUNK)
+    head = stream.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
     if not head:
         raise MirrorFailure("served an empty file")
     if head[:2] != GZIP_MAGIC:
         if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
             raise MirrorFailure("served an HTML page, not the data")
-        yield from iter(lambda: stream.read(CHUNK), b"")
+        yield from iter(lambda: stream.read(dataset.CHUNK), b"")
         return
     try:
         with gzip.GzipFile(fileobj=stream, mode="rb") as content:
-            yield from iter(lambda: content.read(CHUNK), b"")
+            yield from iter(lambda: content.read(dataset.CHUNK), b"")
     except EOFError:
         raise MirrorFailure("truncated gzip file") from None
     except (gzip.BadGzipFile, zlib.error) as err:
         raise MirrorFailure(f"corrupt gzip data ({err})") from None
 
 
-def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar: bool) -> None:
+def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
     """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
     try:
         stream, length = _open_source(mirror, name + ".gz")
-        bar = tqdm(
-            total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=not show_bar
-        )
+        bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None)
         with stream, bar, atomic_path(target) as tmp:
             digest = hashlib.md5()
             with tmp.open("wb") as out:
@@ -144,8 +127,8 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path, show_bar
                     f"content MD5 {digest.hexdigest()} is not the expected {expected_md5} "
                     "(corrupt file or wrong data set)"
                 )
-            check_idx_file(tmp, name)
-    except BadIdx as err:
+            dataset.check_idx_file(tmp, name)
+    except dataset.BadIdx as err:
         raise MirrorFailure(str(err)) from None
     except (OSError, http.client.HTTPException) as err:
         # HTTPException: IncompleteRead, a chunked reply cut off
@@ -159,7 +142,7 @@ def mirrors_to_try(data: DataConfig) -> tuple[str, ...]:
 
 def how_to_fix(data: DataConfig) -> str:
     """What would work (never the setting that just failed): a mirror of one's own (README)."""
-    files = " ".join(f"{name}.gz" for name in FILES)
+    files = " ".join(f"{name}.gz" for name in dataset.FILES)
     source = data.dataset_mirrors[0] if data.dataset_mirrors else "a public mirror"
     hint = (
         f"To work offline, fetch {files} from {source} on a machine with internet into a "
@@ -171,8 +154,7 @@ def how_to_fix(data: DataConfig) -> str:
 
 
 def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -> Path:
-    """Make data/<dataset>/ hold the four verified IDX files; return it. A download that fails
-    removes the folders it made, if they are still empty."""
+    """Make data/<dataset>/ hold the four verified IDX files; on failure, remove what it made."""
     folder = data_dir(root, data.dataset)
     made = [p for p in (folder, *folder.parents) if p.is_relative_to(root) and not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,10 +173,11 @@ def download(data: DataConfig, root: Path, log: Callable[[str], None] = print) -
 def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[str], None]) -> None:
     for stale in folder.glob(".*.tmp"):  # a process killed mid-write left it
         stale.unlink(missing_ok=True)
-    checksums = expected_checksums(data.dataset)
-    missing = [n for n in FILES if not _is_valid(folder / n, checksums[n])]
+    checksums = dataset.expected_checksums(data.dataset)
+    missing = [n for n in dataset.FILES if not _is_valid(folder / n, checksums[n])]
+    where = dataset.shown_path(folder, root)
     if not missing:
-        log(f"{shown_path(folder, root)}: all {len(FILES)} files present and valid; nothing to do")
+        log(f"{where}: all {len(dataset.FILES)} files present and valid; nothing to do")
         return
     mirrors = mirrors_to_try(data)
     if not mirrors:
@@ -202,12 +185,11 @@ def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[st
             f"no mirror configured for {data.dataset}: add URLs under data.mirrors.{data.dataset} "
             f"in params.yaml or set {MIRROR_ENV} to a folder or URL holding the four .gz files"
         )
-    show_bar = sys.stderr.isatty()
     for name in missing:
         tried = []
         for mirror in mirrors:
             try:
-                _fetch_one(mirror, name, checksums[name], folder / name, show_bar)
+                _fetch_one(mirror, name, checksums[name], folder / name)
             except MirrorFailure as failure:
                 tried.append(f"{mirror}: {failure}")
                 continue
@@ -215,12 +197,11 @@ def _download_into(folder: Path, data: DataConfig, root: Path, log: Callable[[st
             break
         else:
             raise PipelineError(
-                f"could not get a valid {name}.gz for {data.dataset}; tried "
-                + "; ".join(tried)
-                + f". {how_to_fix(data)}"
+                f"could not get a valid {name}.gz for {data.dataset}; tried {'; '.join(tried)}. "
+                + how_to_fix(data)
             )
-    log(f"{shown_path(folder, root)}: {len(FILES)} files ready")
+    log(f"{where}: {len(dataset.FILES)} files ready")
 
 
 def _is_valid(path: Path, md5: str) -> bool:
-    return path.is_file() and file_md5(path) == md5
+    return path.is_file() and dataset.file_md5(path) == md5

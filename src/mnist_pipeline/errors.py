@@ -2,8 +2,7 @@
 
 
 class PipelineError(Exception):
-    """A problem the user can fix; the message says what is wrong and how to fix it.
-    exit_code: 2 for bad input (params, flags), 1 for a failure while doing the work."""
+    """A problem the user can fix, said in the message; exit_code 2: bad input, 1: work failed."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)

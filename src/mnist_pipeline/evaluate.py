@@ -1,12 +1,8 @@
 """The evaluate stage: score a checkpoint on the 10,000 test images.
 
-    mnist-pipeline evaluate --variant mlp_relu_dropout
-
-Writes metrics/test/<variant>.json (DVC metrics) and plots/predictions/<variant>.csv (DVC's
-confusion matrix), which `record.evaluation` turns into the MLflow record.
+Writes the DVC metrics and the predictions (DVC's confusion matrix), which `record.evaluation`
+turns into the MLflow record.
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 

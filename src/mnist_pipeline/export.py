@@ -1,10 +1,8 @@
 """The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
-    mnist-pipeline export --variant mlp_relu_dropout
-
 Writes exports/<variant>/ and metrics/export/<variant>.json (each form's size, the same on every
-host); what a host measures of the forms is `measure`'s, in MLflow only. ONNX is imported inside
-the functions: `record.export` reads QUANTISATION, and only an export pays for ONNX.
+host); what a host measures of the forms is `measure`'s. ONNX is imported inside the functions:
+`record.export` reads QUANTISATION, and only an export pays for ONNX.
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ QUANTISATION = {"per_channel": True, "reduce_range": True, "weight_type": "QInt8
 
 
 def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
-    """Write both ONNX forms of the checkpoint in `outputs` and their sizes; return the sizes.
-    Nothing is written until every step has succeeded."""
+    """Write both ONNX forms of the checkpoint and their sizes, once every step has succeeded."""
     model, _ = checkpoint.load(outputs.checkpoint, variant)
     served = inference_model(model)
     md5 = file_md5(outputs.checkpoint)
@@ -47,11 +44,8 @@ def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
     int8 = _guarded(variant, "int8 quantisation", lambda: quantise(fp32))
     for target, data in ((outputs.onnx, fp32), (outputs.int8, int8)):
         write_atomic(target, lambda tmp, data=data: tmp.write_bytes(data))
-    sizes = {
-        "torch/bytes": outputs.checkpoint.stat().st_size,
-        "onnx/bytes": len(fp32),
-        "int8/bytes": len(int8),
-    }
+    sizes = {"torch/bytes": outputs.checkpoint.stat().st_size}
+    sizes |= {"onnx/bytes": len(fp32), "int8/bytes": len(int8)}
     write_json_atomic(outputs.export_metrics, sizes)
     shown = ", ".join(f"{k.split('/')[0]} {v / 1e3:.0f} kB" for k, v in sizes.items())
     folder = outputs.export_dir
@@ -69,62 +63,46 @@ def _guarded(variant: str, what: str, step):
         raise PipelineError(f"{variant}: {what} failed ({first_line(err)})") from err
 
 
-def to_onnx(
-    served: nn.Sequential, variant: str, checkpoint_md5: str, dynamo: bool = False
-) -> bytes:
+def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str, dynamo=False) -> bytes:
     """The served model as serialised single-file ONNX, batch dimension dynamic.
 
     The TorchScript-based exporter by default: 0.5 s against 2.7 s for the torch.export-based one
-    (`dynamo=True`, which also imports torch._dynamo and onnxscript; benchmarks/README.md), and
-    both give the same graph for this chain of stock layers (tests/test_export.py). Per-node debug
+    (`dynamo=True`; benchmarks/README.md), the same graph for these stock layers. Per-node debug
     metadata and torch's build suffix are dropped: one checkpoint and torch give the same bytes."""
     import onnx
 
+    args = (served, (torch.zeros(2, *INPUT_SHAPE),))
+    names = {"opset_version": OPSET, "input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
     if dynamo:
+        batch = ({0: torch.export.Dim("batch", min=1)},)
         program = torch.onnx.export(
-            served,
-            (torch.zeros(2, *INPUT_SHAPE),),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            verbose=False,
+            *args, dynamo=True, dynamic_shapes=batch, verbose=False, **names
         )
         proto = program.model_proto
     else:
         buffer = io.BytesIO()
+        batch = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the choice above, made knowingly
-            torch.onnx.export(
-                served,
-                (torch.zeros(2, *INPUT_SHAPE),),
-                buffer,
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+            torch.onnx.export(*args, buffer, dynamo=False, dynamic_axes=batch, **names)
         proto = onnx.load_from_string(buffer.getvalue())
     graph = proto.graph
     for item in (*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer):
         del item.metadata_props[:]
     del graph.metadata_props[:]
     proto.producer_version = torch.__version__.split("+")[0]
-    proto.doc_string = f"mnist-pipeline {variant}: float32 images (N, 1, 28, 28) in [0, 1] -> " + (
+    proto.doc_string = (
+        f"mnist-pipeline {variant}: float32 images (N, 1, 28, 28) in [0, 1] -> "
         "class probabilities (N, 10)"
     )
-    onnx.helper.set_model_props(
-        proto, {"mnist_pipeline.variant": variant, "mnist_pipeline.checkpoint_md5": checkpoint_md5}
-    )
+    props = {"mnist_pipeline.variant": variant, "mnist_pipeline.checkpoint_md5": checkpoint_md5}
+    onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
 
 def check_onnx(served: nn.Sequential, fp32: bytes) -> None:
-    """The export computes what the checkpoint computes: the same probabilities for seeded random
-    images under ONNX Runtime as under torch."""
+    """The same probabilities for seeded random images under ONNX Runtime as under torch."""
     x = torch.rand(64, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = served(x).numpy()
@@ -147,9 +125,8 @@ def ort_runner(model: bytes):
 
 def quantise(fp32: bytes) -> bytes:
     """ONNX Runtime's dynamic quantisation: int8 weights (QUANTISATION), activations quantised per
-    batch at run time (no calibration data). It covers MatMul, not the Gemm nn.Linear exports to:
-    each Gemm becomes MatMul + Add first, and the pre-processing skips the graph optimisation
-    that would fuse them back."""
+    batch at run time. It covers MatMul, not Gemm: each Gemm becomes MatMul + Add first, and the
+    pre-processing skips the optimisation that would fuse them back."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -172,11 +149,7 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = (
-            attrs.get("alpha", 1.0) == 1.0
-            and attrs.get("beta", 1.0) == 1.0
-            and not attrs.get("transA", 0)
-        )
+        plain = attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA")
         if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
             nodes.append(node)
             continue
@@ -188,9 +161,8 @@ def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         product = f"{node.output[0]}_matmul" if bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight.name], [product], node.name))
         if bias:
-            nodes.append(
-                helper.make_node("Add", [product, bias], [node.output[0]], f"{node.name}_b")
-            )
+            add = helper.make_node("Add", [product, bias], [node.output[0]], f"{node.name}_b")
+            nodes.append(add)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]  # shapes of the old layout; the quantiser infers them again

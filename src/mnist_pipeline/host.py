@@ -1,10 +1,7 @@
 """What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
 
-torch is imported inside the functions that describe a device: `sync`'s no-op path asks for the
-host label alone.
+torch is imported inside the functions that describe a device: `sync`'s no-op path does without.
 """
-
-from __future__ import annotations
 
 import os
 import platform
@@ -13,8 +10,7 @@ import subprocess
 from pathlib import Path
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
-# The CPU flags (/proc/cpuinfo names) that decide which kernels torch, oneDNN, MKL and ONNX
-# Runtime choose: the speed of every form, and the rounding of int8 (VNNI or not) and of training.
+# The CPU flags (/proc/cpuinfo's) that decide the libraries' kernels: speed, and int8's rounding.
 ISA_FLAGS = {
     "avx2": "avx2",
     "avx512": "avx512f",
@@ -63,14 +59,9 @@ def machine_tags(device=None) -> dict[str, str]:
     """The machine a run ran on (on a cluster: its node); with a `torch.device`, the device too."""
     import torch
 
-    tags = {
-        "host": host_label(),
-        "hostname": socket.gethostname(),
-        **cpu_tags(),
-        "torch.version": torch.__version__,
-        "cuda.version": torch.version.cuda or "none",
-        "platform": platform.platform(),
-    }
+    tags = {"host": host_label(), "hostname": socket.gethostname(), **cpu_tags()}
+    tags |= {"torch.version": torch.__version__, "cuda.version": torch.version.cuda or "none"}
+    tags["platform"] = platform.platform()
     if device is not None:
         tags |= {"device": device.type, "device.name": device_name(device)}
         if device.type == "cuda":

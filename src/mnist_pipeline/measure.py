@@ -1,12 +1,15 @@
 """What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
 
+<<<<<<< HEAD
 PyTorch on the device, ONNX and int8 under ONNX Runtime on the CPU: latency at batch 1, throughput
 at batch 256, and each ONNX form's test accuracy under this host's kernels, on the whole set and,
 for int8 (it scales activations by each batch's range), one image at a time. They belong to the
 host: MLflow only.
+=======
+PyTorch on the device, the ONNX forms on the CPU; their accuracy under this host's kernels, whole
+and one image at a time (int8 scales activations per batch). MLflow only.
+>>>>>>> diet2
 """
-
-from __future__ import annotations
 
 import statistics
 import time
@@ -29,9 +32,8 @@ Runner = Callable[[Any], Any]
 def measure(
     served: torch.nn.Module, onnx_models: dict[str, bytes], x, y, device, *, latency: bool = True
 ) -> dict:
-    """{form: figures} over the test images `x` (float32, CPU) and labels `y` (numpy); without
-    `latency`, the ONNX forms' accuracy alone. One ONNX session at a time, each dropped after
-    use: ONNX Runtime's threads spin a while after a call, which would slow the next form's."""
+    """{form: figures} over test images `x` (float32, CPU) and labels `y` (numpy). One ONNX session
+    at a time: ONNX Runtime's threads spin a while after a call, slowing the next form's."""
     figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
     images = x.numpy()
     for form, model in onnx_models.items():
@@ -69,8 +71,7 @@ def _torch_runner(served: torch.nn.Module, device) -> Runner:
 
 
 def _timings(run: Runner, x) -> dict[str, float]:
-    """Latency at batch 1 (median and 95th percentile, ms) and throughput at batch 256 (images
-    a second, from the median call), on the test images (repeated if fewer)."""
+    """Latency at batch 1 (median, p95, ms) and throughput at batch 256 (median call)."""
     figures = {}
     for size, calls in CALLS.items():
         index = np.arange(size * (WARMUP[size] + calls)) % len(x)

@@ -1,7 +1,5 @@
 """Classification metrics from predictions, for `evaluate`'s DVC files and the MLflow record."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +7,7 @@ import torch
 
 from mnist_pipeline.models import NUM_CLASSES
 
-# What a person compares goes to DVC's metrics file; per-class figures and macro precision and
-# recall go to the MLflow run, where they do not crowd `dvc exp show`.
+# DVC's metrics file: what a person compares; the rest goes to MLflow, not crowding `dvc exp show`.
 DVC_METRICS = ("test/accuracy", "test/loss", "test/f1_macro")
 
 

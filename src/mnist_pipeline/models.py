@@ -1,9 +1,8 @@
 """The model variants: a plain mapping from name to architecture, and one builder.
 
-Every model is a `torch.nn.Sequential` of stock layers, so a logged model unpickles on a host that
-has torch and not this package. Input: (N, 1, 28, 28) floats in [0, 1]. A new variant: an entry in
-VARIANTS and a recipe under `variants:` in params.yaml. torch is imported inside the functions:
-`download` and `report` read VARIANTS (through config) and never load torch.
+Each model is an `nn.Sequential` of stock layers: a logged model unpickles without this package. A
+new variant: an entry in VARIANTS and a recipe in params.yaml. torch is imported inside the
+functions: `download` and `report` read VARIANTS and never load torch.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from mnist_pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh")  # names of torch.nn layers, see build_model
 HEADS = ("logits", "softmax")
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
@@ -60,7 +58,7 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
         if activation not in activations:
             raise ConfigError(
                 f"models.py: variant {variant!r} uses activation {activation!r}; "
-                f"known activations: {', '.join(ACTIVATIONS)}"
+                f"known activations: {', '.join(activations)}"
             )
     if arch.head not in HEADS:
         raise ConfigError(
@@ -81,17 +79,14 @@ def build_model(variant: str, use_dropout: bool = True) -> nn.Sequential:
 
 
 def logits_view(model: nn.Sequential) -> nn.Sequential:
-    """All of `model` but a final Softmax: a probability head is trained on log_softmax of the
-    logits, computed stably; cross-entropy on the probabilities would apply a second softmax (the
-    bug in the tutorial that defines mlp_tanh_sigmoid_softmax)."""
+    """All of `model` but a final Softmax: cross-entropy on probabilities is a second softmax."""
     from torch import nn
 
     return model[:-1] if isinstance(model[-1], nn.Softmax) else model
 
 
 def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
-    """Predicted classes of `x` and the mean loss against `y` (on logits), in eval mode and in
-    chunks: the test set (evaluate) and the validation split (train)."""
+    """Predicted classes of `x` and the mean loss against `y` (on logits), in eval mode, chunked."""
     import torch
     import torch.nn.functional as F
 
@@ -106,9 +101,8 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
 
 
 def inference_model(model: nn.Sequential) -> nn.Sequential:
-    """The served form, the same contract for every variant: a CPU copy in eval mode, float32
-    images (N, 1, 28, 28) in [0, 1] in, class probabilities (N, 10) out (dropout as identities,
-    a Softmax after a logits head). The trained weights are copied, not changed."""
+    """The served form of every variant: a CPU copy in eval mode, float32 images (N, 1, 28, 28) in
+    [0, 1] in, class probabilities (N, 10) out (dropout as identities, a Softmax head)."""
     from torch import nn
 
     layers = [

@@ -1,9 +1,4 @@
-"""`tune --apply`: a recipe written back into params.yaml as DVC's `exp run -S` writes it.
-
-Through ruamel.yaml's round trip: comments, layout and every other line stay.
-"""
-
-from __future__ import annotations
+"""`tune --apply`: a recipe written into params.yaml as `dvc exp run -S` does, all else kept."""
 
 import dataclasses
 import io
@@ -18,9 +13,7 @@ from mnist_pipeline.fileio import write_text_atomic
 
 
 def apply_recipe(path: Path, variant: str, recipe: Recipe) -> None:
-    """Write `recipe`'s lr (4 significant digits), batch size and epochs into params.yaml's
-    `variants.<variant>` through ruamel.yaml's round trip (comments and other lines kept), once
-    the edited text parses to exactly that recipe."""
+    """Write `recipe`'s lr (4 digits), batch size and epochs if the edit parses back to them."""
     rt = YAML()  # set as DVC sets it (dvc/utils/serialize/_yaml.py): `exp run -S` keeps the layout
     rt.default_flow_style = False
     document = rt.load(path.read_text(encoding="utf-8"))

@@ -1,7 +1,5 @@
 """Every path the pipeline reads or writes and every output's file name, in one place."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +37,10 @@ def default_artifact_location(root: Path) -> str:
     return (root / "mlartifacts").as_uri()
 
 
-@dataclass(frozen=True)
-class Report:
-    markdown: Path
-    csv: Path
-    chart: Path
-
-
-def report_outputs(root: Path) -> Report:
+def report_outputs(root: Path) -> tuple[Path, Path, Path]:
+    """The report's Markdown table, CSV table and chart."""
     folder = root / "reports"
-    return Report(folder / "results.md", folder / "results.csv", folder / "results.png")
+    return folder / "results.md", folder / "results.csv", folder / "results.png"
 
 
 @dataclass(frozen=True)

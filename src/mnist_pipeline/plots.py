@@ -1,6 +1,6 @@
 """Every chart the project draws: the evaluation's, the report's and compare's.
 
-matplotlib is imported (headless) when a chart is drawn and torch by the one chart that needs it:
+matplotlib is imported (headless) when a chart is drawn, torch by the one chart that needs it:
 `report` must not load torch, nor `compare` matplotlib without --chart.
 """
 
@@ -68,24 +68,16 @@ def misclassified(
         size = images.shape[-1] + pad
         for k, i in enumerate(wrong.tolist()):
             r, c = divmod(k, cols)
+            x, y = c * size + size / 2 + pad / 2, r * size + pad / 2 - 0.5
             caption = f"{labels[i].item()}→{pred[i].item()}"
-            ax.text(
-                c * size + size / 2 + pad / 2,
-                r * size + pad / 2 - 0.5,
-                caption,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="crimson",
-            )
+            ax.text(x, y, caption, ha="center", va="center", fontsize=7, color="crimson")
     else:
         ax.text(0.5, 0.5, "none: every test image is right", ha="center", va="center")
     _save(fig, path)
 
 
 def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
-    """Left: test accuracy against size (log axis, every variant labelled, labels kept apart).
-    Right: the variants ranked by test accuracy."""
+    """Left: test accuracy against size, every variant labelled. Right: the variants ranked."""
     plt = _pyplot()
     accuracy = table["test_accuracy"] * 100
     fig, (left, right) = plt.subplots(
@@ -102,15 +94,11 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
     # Labels to the right of their points, nudged apart vertically where points crowd.
     order = accuracy.sort_values().index
     placed = _spread(accuracy[order].to_list(), gap=0.065 * span)
+    line = {"arrowstyle": "-", "color": "0.6", "lw": 0.6}
     for idx, y in zip(order, placed, strict=True):
-        x = table.loc[idx, "params"]
+        x, name = table.loc[idx, "params"], table.loc[idx, "variant"]
         left.annotate(
-            table.loc[idx, "variant"],
-            xy=(x, accuracy[idx]),
-            xytext=(x * 1.35, y),
-            fontsize=8,
-            va="center",
-            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6},
+            name, (x, accuracy[idx]), (x * 1.35, y), fontsize=8, va="center", arrowprops=line
         )
     left.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy, %")
     left.set_title("accuracy against size", fontsize=10)
@@ -131,8 +119,7 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
 
 
 def _log_axis(axis, subs: tuple[float, ...], label) -> None:
-    """A log x axis with major ticks at `subs` times powers of ten, labelled by `label` (a
-    matplotlib formatter or format string), and no minor labels."""
+    """A log x axis, major ticks at `subs` times powers of ten labelled by `label`."""
     from matplotlib.ticker import LogLocator, NullFormatter
 
     axis.axes.set_xscale("log")
@@ -142,8 +129,7 @@ def _log_axis(axis, subs: tuple[float, ...], label) -> None:
 
 
 def _spread(values: list[float], gap: float) -> list[float]:
-    """Sorted positions moved apart so that neighbours are at least `gap` apart, staying as
-    close to where they were as the gap allows (centred on the original group)."""
+    """Sorted positions moved at least `gap` apart, centred on where they were."""
     placed: list[float] = []
     for v in values:
         placed.append(max(v, placed[-1] + gap) if placed else v)
@@ -152,9 +138,8 @@ def _spread(values: list[float], gap: float) -> list[float]:
 
 
 def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Per variant, one colour per host · device: test accuracy and training throughput as
-    bars; batch-1 inference latency of each form (PyTorch ●, ONNX ■, int8 ▲) as dots. The legend
-    above the panels, where it covers no bar."""
+    """Per variant, a colour per host · device: test accuracy and training throughput as bars,
+    each form's batch-1 latency as dots; the legend above the panels, covering no bar."""
     plt = _pyplot()
     groups = list(table.columns.get_level_values(0).unique())
     variants = list(table.index)
@@ -195,16 +180,8 @@ def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
     throughput = table.xs("time/median_samples_per_second", axis=1, level=1).to_numpy(float)
     if np.isfinite(throughput).any():
         axes[1].set_xlim(np.nanmin(throughput) / 2, np.nanmax(throughput) * 3)  # room for labels
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncols=min(len(groups), 4),
-        fontsize=8,
-        bbox_to_anchor=(0.5, 0.95),
-        frameon=False,
-    )
+    place = {"loc": "upper center", "bbox_to_anchor": (0.5, 0.95), "frameon": False}
+    fig.legend(*axes[0].get_legend_handles_labels(), ncols=min(len(groups), 4), fontsize=8, **place)
     fig.suptitle(f"{experiment}: variants by host · device")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     _save(fig, path)

@@ -2,12 +2,9 @@
 
     python -m mnist_pipeline.plots_page .dvc/tmp/offline-plots.html   # `make setup` runs this
 
-DVC's own page loads vega, vega-lite and vega-embed from a CDN (blank offline). This one carries
-them inline, from `vl-convert-python` (the Vega project's converter ships them), without DVC's
-`{scripts}` placeholder. DVC reads it through its `plots.html_template` setting.
+DVC's own page loads vega from a CDN (blank offline); this one carries it inline, from
+`vl-convert-python`. DVC reads it through its `plots.html_template` setting.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path

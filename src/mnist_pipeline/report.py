@@ -1,9 +1,4 @@
-"""The report stage: every variant side by side, from the DVC metrics files.
-
-mnist-pipeline report      # -> reports/: a Markdown and a CSV table, and a chart
-"""
-
-from __future__ import annotations
+"""The report stage: every variant side by side, from the DVC metrics files, in reports/."""
 
 import json
 from pathlib import Path
@@ -29,37 +24,29 @@ def collect(params: Params, root: Path) -> pd.DataFrame:
                 f"`dvc repro evaluate@{variant}` first"
             )
         train, test = (json.loads(p.read_text()) for p in files.values())
-        rows.append(
-            {
-                "variant": variant,
-                "params": train["params"],
-                "optimizer": recipe.optimizer,
-                "lr": recipe.lr,
-                "batch_size": recipe.batch_size,
-                "epochs": recipe.epochs,
-                "kept_epoch": train.get("kept_epoch"),
-                "val_accuracy": train.get("val/accuracy"),
-                "test_accuracy": test["test/accuracy"],
-                "test_loss": test["test/loss"],
-                "test_f1_macro": test["test/f1_macro"],
-            }
-        )
+        row = {"variant": variant, "params": train["params"]}
+        row |= {k: getattr(recipe, k) for k in ("optimizer", "lr", "batch_size", "epochs")}
+        row |= {"kept_epoch": train.get("kept_epoch"), "val_accuracy": train.get("val/accuracy")}
+        tested = ("test/accuracy", "test/loss", "test/f1_macro")
+        row |= {k.replace("/", "_"): test[k] for k in tested}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def report(params: Params, root: Path) -> paths.Report:
+def report(params: Params, root: Path) -> tuple[Path, Path, Path]:
     table = collect(params, root)
     out = paths.report_outputs(root)
+    markdown, csv, chart = out
     shown = table.copy()
     for col in ("val_accuracy", "test_accuracy", "test_f1_macro"):
         shown[col] = (shown[col] * 100).map(lambda v: f"{v:.2f}%" if v == v else "")
     shown["test_loss"] = shown["test_loss"].map("{:.4f}".format)
     shown["params"] = shown["params"].map("{:,}".format)
     title = f"# Results: {params.data.dataset}, test set (10,000 images)\n\n"
-    write_text_atomic(out.markdown, title + shown.to_markdown(index=False) + "\n")
-    write_text_atomic(out.csv, table.to_csv(index=False))
-    write_atomic(out.chart, lambda tmp: plots.results(table, tmp, params.data.dataset))
+    write_text_atomic(markdown, title + shown.to_markdown(index=False) + "\n")
+    write_text_atomic(csv, table.to_csv(index=False))
+    write_atomic(chart, lambda tmp: plots.results(table, tmp, params.data.dataset))
     print(shown.to_markdown(index=False))
-    for path in (out.markdown, out.csv, out.chart):
+    for path in out:
         print(f"wrote {path.relative_to(root)}")
     return out

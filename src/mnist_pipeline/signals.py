@@ -1,11 +1,8 @@
 """Ctrl-C and SIGTERM during a training, acted on between two steps, never inside a library call.
 
-Raised where it landed, the exception could start inside MLflow's or SQLAlchemy's code with a lock
-held, and the run's clean-up hung. So the handler only notes it for `check()`; a second one acts
-at once.
+Raised inside MLflow's or SQLAlchemy's code with a lock held, it hung the run's clean-up: so the
+handler notes it for `check()`; a second one acts at once.
 """
-
-from __future__ import annotations
 
 import signal
 from collections.abc import Iterator

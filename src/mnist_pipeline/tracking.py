@@ -1,11 +1,7 @@
-"""Where runs go and whether that store can be used.
+"""Where runs go and whether that store can be used: URI, experiment, checks, client.
 
-The tracking URI and experiment, the checks that the store answers and accepts this account, and
-the client the recording uses. MLflow is imported inside the functions: `sync`'s no-op path runs
-without it.
+MLflow is imported inside the functions: `sync`'s no-op path runs without it.
 """
-
-from __future__ import annotations
 
 import contextlib
 import functools
@@ -17,6 +13,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ruamel.yaml import YAML, YAMLError
+
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.paths import default_artifact_location, default_tracking_uri
 
@@ -25,8 +23,7 @@ _ACCOUNT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # what names
 
 
 def store_root(root: Path) -> Path:
-    """The project root, or DVC_ROOT: `dvc exp run --queue` runs stages in a temporary copy of
-    the repository, and the runs belong in the real one."""
+    """The project root, or DVC_ROOT (`dvc exp run --queue` runs stages in a temporary copy)."""
     return Path(os.environ.get("DVC_ROOT") or root)
 
 
@@ -41,12 +38,10 @@ def experiment_name(dataset: str) -> str:
 def check_reachable(
     uri: str, *, writing: bool = True, experiment: str | None = None, root: Path | None = None
 ) -> None:
-    """Fail fast, before any work, if the tracking store cannot be used: an HTTP server that does
-    not answer, whose TLS certificate this host does not trust, that refuses the credentials
-    (401) or the account (403: reading; with `writing`, writing runs into `experiment`, or
-    creating it); or a local SQLite store that cannot be opened (it is created here if need be).
-    A stage that stops here under `dvc repro`, its outputs already deleted by DVC, says how to
-    bring them back (`root`: the project they belong to)."""
+    """Fail fast, before any work, if the tracking store cannot be used: a server that does not
+    answer, is not trusted, or refuses the credentials or the account (reading; with `writing`,
+    writing into `experiment`); a local SQLite store that cannot be opened. Under `dvc repro`,
+    says how to bring back the outputs DVC deleted (`root`: their project)."""
     try:
         _check_store(uri, writing, experiment)
     except PipelineError as err:
@@ -59,17 +54,13 @@ def _check_store(uri: str, writing: bool, experiment: str | None) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
-    # MLflow retries a failing request for minutes by default; a few seconds tell a blip from a
-    # dead server (a user's own settings win).
+    # MLflow retries for minutes by default; a few seconds tell a blip from a dead server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.utils.credentials import get_default_host_creds
 
-    # What every MLflow call of this process will send: the user and password from
-    # MLFLOW_TRACKING_USERNAME/PASSWORD or ~/.mlflow/credentials, the CA of
-    # MLFLOW_TRACKING_SERVER_CERT_PATH.
-    creds = get_default_host_creds(uri)
+    creds = get_default_host_creds(uri)  # what every MLflow call of this process sends
     ask = functools.partial(_ask, uri, creds)
     ask("/health")  # unprotected: says whether a server is there and its certificate is trusted
     user = f"user '{creds.username}'" if creds.username else "a client without credentials"
@@ -92,8 +83,7 @@ def _refused(uri: str, what: str, status: str, fix: str) -> PipelineError:
 
 
 def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
-    """(HTTP status, JSON body or None) of one request, as MLflow's client makes it, no retries.
-    A server that cannot be reached, or whose certificate is not trusted, is a PipelineError."""
+    """(HTTP status, JSON body or None) of one request as MLflow makes it, without retries."""
     import requests
     from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import http_request
@@ -123,27 +113,20 @@ def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
             "MLFLOW_TRACKING_URI at a running one (unset it to use the local store)"
         ) from None
-    try:
-        body = reply.json()
-    except ValueError:
-        body = None
-    return reply.status_code, body
+    with contextlib.suppress(ValueError):
+        return reply.status_code, reply.json()
+    return reply.status_code, None
 
 
 def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
-    """Whether the account may write runs where the stage will: into MLFLOW_EXPERIMENT_ID's
-    experiment when that is set, else into `experiment` (the pipeline's, or
-    MLFLOW_EXPERIMENT_NAME's); where that does not exist yet, whether it may create it (MLflow
-    then makes the account its manager: an account with no grant trains into an experiment of
-    its own). Each probe is a write that changes nothing, which the server refuses (403) before
-    it reads the request: deleting an experiment tag that does not exist (else 404), creating an
-    experiment with no name (else 400)."""
+    """Whether the account may write runs into MLFLOW_EXPERIMENT_ID's experiment, else into
+    `experiment`, or create that. Each probe is a write that changes nothing, refused (403) before
+    the request is read: deleting a missing experiment tag, creating an unnamed experiment."""
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     where = f"experiment {experiment_id}" if experiment_id else f"experiment '{experiment}'"
     if not experiment_id:
-        status, body = ask(
-            "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
-        )
+        named = {"experiment_name": experiment}
+        status, body = ask("/api/2.0/mlflow/experiments/get-by-name", params=named)
         if status == 200 and body:
             experiment_id = body["experiment"]["experiment_id"]
         elif status == 403:
@@ -151,11 +134,8 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
             raise _refused(uri, f"{user} reading {where}", "403 Forbidden", fix)
     if experiment_id:
         doing, account = f"writing runs to {where}", "a read-only account"
-        status, _ = ask(
-            "/api/2.0/mlflow/experiments/delete-experiment-tag",
-            "POST",
-            json={"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"},
-        )
+        probe = {"experiment_id": experiment_id, "key": "mnist-pipeline.write-check"}
+        status, _ = ask("/api/2.0/mlflow/experiments/delete-experiment-tag", "POST", json=probe)
     else:
         doing, account = f"creating {where}", "an account that may not create experiments"
         status, _ = ask("/api/2.0/mlflow/experiments/create", "POST", json={"name": ""})
@@ -166,16 +146,11 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
 
 
 def _restore_hint(root: Path | None) -> str:
-    """Under `dvc repro`, DVC deletes a stage's outputs before it runs the stage (`-f`, or a
-    changed dependency): a stage that stops before any work leaves them missing. Those in
-    DVC's cache come back with `dvc checkout <stage>`, those it does not cache (metrics and
-    plots, which git keeps) with `git checkout`: the command, or "" where nothing is missing.
-    Read (dvc.lock, git's index) only on the way out with an error."""
+    """The command that brings back the outputs DVC deleted before running a stage that then
+    stopped (`dvc checkout <stage>`, `git checkout` for what git keeps), or "" if none is gone."""
     stage = os.environ.get("DVC_STAGE")
     if not stage or root is None or not (root / "dvc.lock").is_file():
         return ""
-    from ruamel.yaml import YAML, YAMLError
-
     try:
         lock = YAML(typ="safe").load((root / "dvc.lock").read_text())
         outs = lock["stages"][stage].get("outs", [])
@@ -197,9 +172,8 @@ def _restore_hint(root: Path | None) -> str:
 
 
 def _open_sqlite_store(uri: str) -> None:
-    """Open (the first time: create) a SQLite store, one process at a time. MLflow creates the
-    tables without a lock, so two jobs starting on a fresh store (`dvc exp run --queue` with two
-    jobs) would race the schema migration, and one would crash."""
+    """Open (the first time: create) a SQLite store, one process at a time: MLflow creates the
+    tables without a lock, and two jobs on a fresh store would race the schema migration."""
     import mlflow
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
@@ -223,9 +197,8 @@ def _open_sqlite_store(uri: str) -> None:
 
 
 def run_experiment_id(dataset: str, root: Path) -> str:
-    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it: the UI nests children within one experiment),
-    else `experiment_name(dataset)`, created if needed, its artifacts on the local store in
-    <root>/mlartifacts (MLflow would use ./mlruns)."""
+    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it), else `experiment_name(dataset)`, created if
+    needed, on the local store with its artifacts in <root>/mlartifacts."""
     import mlflow
 
     if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -262,9 +235,7 @@ _ARTIFACT_COLUMNS = (
 
 
 def follow_a_moved_project(root: Path) -> str | None:
-    """Point the artifact paths of the project's own SQLite store into this folder's mlartifacts
-    when the project was copied or moved: MLflow records them resolved, and the copy would go on
-    using the old folder. Returns the old location, or None."""
+    """Point a moved project's local store at this folder's mlartifacts; the old location."""
     here = store_root(root)
     if tracking_uri(root) != default_tracking_uri(here) or not (here / "mlflow.db").is_file():
         return None
@@ -274,10 +245,8 @@ def follow_a_moved_project(root: Path) -> str | None:
             found = {row[0] for row in db.execute("SELECT artifact_location FROM experiments")}
         except sqlite3.Error:
             return None  # not a store (yet): MLflow says what is wrong when it opens it
-        moved = sorted(
-            a for a in found if a and a.startswith("file://") and a.endswith("/mlartifacts")
-        )
-        moved = [a for a in moved if a != new]
+        local = [a for a in found if a and a.startswith("file://") and a.endswith("/mlartifacts")]
+        moved = sorted(a for a in local if a != new)
         with db:  # one transaction: all paths move, or none
             for old in moved:
                 for table, column in _ARTIFACT_COLUMNS:

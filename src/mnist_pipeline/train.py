@@ -1,16 +1,10 @@
 """The train stage: train one variant, write its checkpoint, history and training metrics.
 
-    mnist-pipeline train --variant mlp_relu_dropout                 # the params.yaml recipe
-    mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/
-
 Only what the recipe and seed determine is written: the same recipe twice, the same bytes. The
 MLflow run around it (`commands.train`) gets each epoch through `on_epoch`.
 """
 
-from __future__ import annotations
-
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +20,7 @@ from mnist_pipeline.models import count_parameters
 
 @dataclass(frozen=True)
 class Job:
-    """One training, ready to start: its params (a one-off's included), where it writes, the
-    device, the data and the set-up."""
+    """One training, ready to start (`params`: a one-off's included)."""
 
     variant: str
     params: Params
@@ -51,9 +44,8 @@ def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) ->
     return Job(variant, params, outputs, device, data, setup)
 
 
-def run(job: Job, on_epoch: Callable[[dict[str, float], int], None]) -> loop.Fit:
-    """Train, keep the chosen epoch's weights, write the outputs; a signal before then saves
-    nothing."""
+def run(job: Job, on_epoch: loop.OnEpoch) -> loop.Fit:
+    """Train, keep the chosen epoch's weights, write the outputs (a signal before saves nothing)."""
     recipe, settings = job.params.recipe(job.variant), job.params.train
     fitted = loop.fit(
         job.setup, recipe=recipe, keep=settings.keep, on_epoch=on_epoch, label=job.variant
@@ -67,16 +59,11 @@ def run(job: Job, on_epoch: Callable[[dict[str, float], int], None]) -> loop.Fit
 def write_outputs(job: Job, fitted: loop.Fit) -> None:
     model, outputs = job.setup.model, job.outputs
     num_params = count_parameters(model)
+    extra = {"train": dataclasses.asdict(job.params.train), "dataset": job.data.name}
+    extra |= {"data_checksum": job.data.checksum, "num_params": num_params}
+    recipe = job.params.recipe(job.variant)
     checkpoint.save(
-        outputs.checkpoint,
-        model,
-        job.variant,
-        job.params.recipe(job.variant),
-        train=dataclasses.asdict(job.params.train),
-        dataset=job.data.name,
-        data_checksum=job.data.checksum,
-        num_params=num_params,
-        epoch=fitted.kept_epoch,
+        outputs.checkpoint, model, job.variant, recipe, **extra, epoch=fitted.kept_epoch
     )
     columns = loop.HISTORY_COLUMNS
     lines = [",".join(columns)]

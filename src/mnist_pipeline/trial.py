@@ -1,11 +1,8 @@
 """A search's trial: one recipe trained with the project's loop in a Ray worker.
 
-Each epoch is reported to Tune and to the trial's MLflow run (a child of the search's, on the
-store `tune` names in every worker's environment). Ray is imported inside the functions, which
-run in a worker: `tune` imports this module before it starts Ray.
+Each epoch is reported to Tune and to the trial's MLflow run, a child of the search's. Ray is
+imported inside the functions, which run in a worker: `tune` imports this module before Ray starts.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import hashlib
@@ -45,12 +42,8 @@ class TrialJob:
 
 
 def recipe_for(params: Params, variant: str, config: dict[str, Any]) -> Recipe:
-    return dataclasses.replace(
-        params.recipe(variant),
-        lr=float(config["lr"]),
-        batch_size=int(config["batch_size"]),
-        epochs=int(config["epochs"]),
-    )
+    chosen = {"lr": float(config["lr"]), "batch_size": int(config["batch_size"])}
+    return dataclasses.replace(params.recipe(variant), **chosen, epochs=int(config["epochs"]))
 
 
 def tensor_digest(data: Dataset) -> str:
@@ -79,13 +72,11 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
         NODE_TAG: ray.get_runtime_context().get_node_id(),
         record.TRIAL_TAG: trial_id,
     }
-    with runs.started_run(
-        job.experiment_id,
-        name=f"trial {trial_id} · {job.variant}",
-        tags=tags,
-        system_metrics=True,
-        parent_run_id=job.parent_run_id,
-    ) as run:
+    name, parent = f"trial {trial_id} · {job.variant}", job.parent_run_id
+    started = runs.started_run(
+        job.experiment_id, name=name, tags=tags, system_metrics=True, parent_run_id=parent
+    )
+    with started as run:
         values = {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
         log_recipe(run.info.run_id, job.variant, params.data, values, data.checksum, {})
         report = _Reporter(run.info.run_id, setup.model, EpochLogger(run.info.run_id))
@@ -102,8 +93,7 @@ def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
 
 @dataclass
 class _Reporter:
-    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights as a checkpoint when
-    the validation accuracy improved (the kept epoch, as `train.keep: best`)."""
+    """`fit`'s on_epoch: the epoch to MLflow, then to Tune, with the weights when they improved."""
 
     run_id: str
     model: Any
@@ -131,8 +121,7 @@ class _Reporter:
             ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(folder))
 
     def diverged(self, err: Exception) -> None:
-        """The run says why; Tune, which wants the metric in a trial's last result, gets a score of
-        nothing, marked so the search never picks this recipe."""
+        """The run says why; Tune gets a score of nothing, marked so the search never picks it."""
         from ray import tune as ray_tune
 
         record.set_outcome(self.run_id, "diverged", str(err))

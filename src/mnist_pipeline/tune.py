@@ -1,15 +1,9 @@
 """The search: a variant's recipe searched on Ray Tune, a parent run with a child run per trial.
 
-    mnist-pipeline tune --variant ffn1_relu --samples 16              # Ray on this machine
-    mnist-pipeline tune --variant ffn1_relu --address HOST:6379       # an existing cluster
-    mnist-pipeline tune --variant ffn1_relu --apply                   # best recipe -> params.yaml
-
 Optuna's TPE proposes recipes from params.yaml's `tune:` space; ASHA stops a trial whose
 validation accuracy falls behind. A trial writes no DVC output. Ray is imported inside the
 functions: the flags and params.yaml are checked before the seconds it takes to load.
 """
-
-from __future__ import annotations
 
 import contextlib
 import dataclasses
@@ -64,26 +58,18 @@ class SearchResult:
 
 
 def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
-    """Search `variant`'s recipe. Interrupted, the running trials end KILLED, the best so far is
-    recorded if there is one, and the search's run ends KILLED."""
+    """Search `variant`'s recipe; interrupted, the runs end KILLED, the best so far recorded."""
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     _check_store_for_cluster(store.uri, address)
     data = load_dataset(root, params.data.dataset)
-    inputs = runs.training_inputs(
-        params.data, data.checksum, val_size=params.train.val_size, seed=params.train.seed
-    )
+    split = {"val_size": params.train.val_size, "seed": params.train.seed}
+    inputs = runs.training_inputs(params.data, data.checksum, **split)
     description = _describe(space, options, variant)
     with _ray(address, store.uri), record.search_run(store, variant, description, inputs) as parent:
-        job = TrialJob(
-            variant=variant,
-            params=params,
-            experiment_id=store.experiment_id,
-            parent_run_id=parent.info.run_id,
-            tags=record.search_tags(store, variant, "trial"),
-            data_digest=tensor_digest(data),
-        )
+        tags, digest = record.search_tags(store, variant, "trial"), tensor_digest(data)
+        job = TrialJob(variant, params, store.experiment_id, parent.info.run_id, tags, digest)
         outcomes = _trial_outcomes(store.experiment_id)
         grid = _tuner(job, data, space, options, root, outcomes).fit()  # Ctrl-C: returns early
         if sum(outcomes.counts.values()) >= options.samples:
@@ -111,7 +97,7 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
 @contextlib.contextmanager
 def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
     """Join the cluster at `address`, else start Ray here; leave or stop it at the end. Every
-    worker gets the tracking URI: one on another node has no project to find ./mlflow.db in."""
+    worker gets the tracking URI: one on another node has no project holding the store."""
     import ray
 
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
@@ -153,8 +139,7 @@ def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[st
 def _tuner(
     job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
 ):
-    """Tune's Tuner: the data put in the object store once (`with_parameters`), TPE behind a
-    concurrency limit, ASHA, retries, the best checkpoint kept."""
+    """Tune's Tuner: TPE behind a concurrency limit, ASHA, retries, the best checkpoint kept."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -183,8 +168,7 @@ def _tuner(
             search_alg=search,
             scheduler=scheduler,
             num_samples=options.samples,
-            # A free worker takes the next trial: no process to start, no torch and MLflow to
-            # import again (seconds per trial on 2 cores).
+            # A free worker takes the next trial: no process to start, no imports (seconds).
             reuse_actors=True,
         ),
         run_config=ray_tune.RunConfig(
@@ -224,10 +208,10 @@ def _trial_outcomes(experiment_id: str):
             try:
                 outcome = record.end_trial_run(experiment_id, trial.trial_id, how)
             except Exception as err:  # the store: the search goes on
+                outcome = how[0]
                 print(
                     f"warning: could not end trial {trial.trial_id}'s run: {err}", file=sys.stderr
                 )
-                outcome = how[0]
             if count:
                 self.counts[outcome] = self.counts.get(outcome, 0) + 1
 
@@ -235,8 +219,7 @@ def _trial_outcomes(experiment_id: str):
 
 
 def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
-    """The best trial: its recipe and accuracy on the parent run, its kept weights a logged
-    model of it; a line for the user."""
+    """The best trial's recipe and accuracy on the parent run, its kept weights a logged model."""
     parent_run_id = job.parent_run_id
     best = _best_trial(grid)
     if best is None:
@@ -256,8 +239,8 @@ def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
         model.load_state_dict(state)
         model_id = record.log_best_model(parent_run_id, model, values)
     chosen = {**values, "run_id": run_id, "model_id": model_id}
-    best_params = {f"best.{k}": v for k, v in chosen.items()}
-    record.end_search(parent_run_id, counts, best=best_params, accuracy=accuracy)
+    best = {f"best.{k}": v for k, v in chosen.items()}
+    record.end_search(parent_run_id, counts, best=best, accuracy=accuracy)
     print(
         f"{job.variant}: best validation accuracy {accuracy:.4f} with lr {recipe.lr:.4g}, "
         f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(counts)}; "
@@ -267,16 +250,13 @@ def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
 
 
 def _best_trial(grid):
-    """(result, checkpoint, accuracy) of the trial whose kept epoch scored best, diverged trials
-    left out (their recipe would diverge in the pipeline too); None if none is left. A trial's
-    checkpoints are its improving epochs: its best is its kept epoch."""
+    """(result, checkpoint, accuracy) of the best trial that did not diverge, or None."""
     best = None
     for result in grid:
         if result.metrics is None or METRIC not in result.metrics or result.metrics.get(DIVERGED):
             continue
-        checkpoint, kept = max(
-            result.best_checkpoints or [(None, result.metrics)], key=lambda c: c[1][METRIC]
-        )
+        saved = result.best_checkpoints or [(None, result.metrics)]
+        checkpoint, kept = max(saved, key=lambda c: c[1][METRIC])
         if best is None or kept[METRIC] > best[2]:
             best = (result, checkpoint, float(kept[METRIC]))
     return best

@@ -1,12 +1,10 @@
 """Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-`mnist-pipeline sync`, the last stage of every `dvc repro`: for each variant's checkpoint (by its
-MD5, the runs' `checkpoint.md5` tag), every finished run of those bytes carries the evaluation
-read back from the outputs, and this host's runs what this host measured; a checkpoint no run
-trained gets a run rebuilt from the outputs. Each part tags the run with the digest of the outputs
-it came from, so it is recorded once. A no-op costs well under a second: the outputs' fingerprint
-is compared with this host's last, read from a local SQLite store without MLflow; the recording
-modules (MLflow, torch) are imported inside the functions, when there is work.
+`mnist-pipeline sync`, the last stage of `dvc repro`: every finished run of a checkpoint's bytes
+gets the evaluation read back from the outputs, this host's runs what this host measured; a
+checkpoint no run trained gets a run rebuilt. Each part tags the run with its outputs' digest, so
+it is recorded once. A no-op compares the outputs' fingerprint with this host's last, without
+MLflow: the recording modules (MLflow, torch) are imported inside the functions, when there is work.
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 
 
 def measured_digest(outputs: paths.Outputs) -> str | None:
-    """A run's `record.measured` tag once its host measured the current exports (None: nothing
-    exported yet), the latency setting included."""
+    """A run's `record.measured` tag once its host measured the current exports (and setting)."""
     if outputs.export_dir is None:
         return None
     found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
@@ -58,8 +55,7 @@ def latency_on() -> bool:
 
 
 def agree(store, training, test=None) -> list[str]:
-    """Make the store hold complete runs for the checkpoint in `training.outputs`; `test` gives
-    the test set (x, y) to measure on. Returns what was done (nothing: the store agreed)."""
+    """Make the store hold complete runs for `training`'s checkpoint; what was done."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
 
@@ -77,15 +73,10 @@ def agree(store, training, test=None) -> list[str]:
             for run in stale:
                 line = evaluation.record_evaluation(store, run, training, figures, folder)
                 done.append(f"{run.info.run_name}: {line}")
-    wanted = measured_digest(outputs)
-    mine = [
-        r
-        for r in runs
-        if wanted
-        and r.data.tags.get("host") == host.host_label()
-        and r.data.tags.get(export.MEASURED_TAG) != wanted
-        and CHECKPOINT_TAG in r.data.tags
-    ]
+    wanted, here = measured_digest(outputs), host.host_label()
+    mine = [r for r in runs if wanted and r.data.tags.get("host") == here]
+    mine = [r for r in mine if CHECKPOINT_TAG in r.data.tags]
+    mine = [r for r in mine if r.data.tags.get(export.MEASURED_TAG) != wanted]
     if mine:
         measured = export.measure(training, (test or _test_set(store))())
         for run in mine:
@@ -95,8 +86,7 @@ def agree(store, training, test=None) -> list[str]:
 
 
 def rebuild(store, training):
-    """A run for a checkpoint no run in this store trained (a fresh store, one that failed mid-run,
-    outputs from DVC's cache or a colleague), made from the outputs."""
+    """A run, made from the outputs, for a checkpoint no run in this store trained."""
     from mnist_pipeline.record import training as record
 
     recipe, checksum = training.recipe, training.checksum
@@ -108,14 +98,10 @@ def rebuild(store, training):
 
 
 def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
-    """The complete runs that trained a checkpoint of these bytes, this host's first, then the
-    newest."""
-    runs = tracking.client().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`checkpoint.md5` = '{checkpoint_md5}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    """The complete runs that trained these checkpoint bytes, this host's first, then newest."""
+    found = f"tags.`checkpoint.md5` = '{checkpoint_md5}' and attributes.status = 'FINISHED'"
+    newest = ["attributes.start_time DESC"]
+    runs = tracking.client().search_runs([experiment_id], filter_string=found, order_by=newest)
     return sorted(runs, key=lambda run: run.data.tags.get("host") != host.host_label())
 
 
@@ -136,8 +122,7 @@ def _test_set(store):
 
 
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
-    """Make the store agree with every variant's outputs; cheap when it does (the receipt), unless
-    `verify`. Returns the number of variants whose record changed."""
+    """Make the store agree with every variant's outputs; how many variants' records changed."""
     outputs = {v: paths.pipeline_outputs(root, v) for v in params.variants}
     outputs = {v: o for v, o in outputs.items() if o.checkpoint.is_file()}
     uri = tracking.tracking_uri(root)
@@ -156,9 +141,22 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
         changed += bool(done)
         for line in done:
             print(f"{variant}: {line}")
-    tracking.client().set_experiment_tag(store.experiment_id, _receipt_key(), fingerprint)
+    _leave_receipt(store.experiment_id, fingerprint)
     print(f"sync: {uri} agrees with the outputs of {len(outputs)} variants ({changed} recorded)")
     return changed
+
+
+def _leave_receipt(experiment_id: str, fingerprint: str) -> None:
+    """Two syncs at once on one host (a queued sweep's tasks) may both insert the receipt; the one
+    refused for a duplicate key tries again, and updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in (1, 2):
+        try:
+            return tracking.client().set_experiment_tag(experiment_id, _receipt_key(), fingerprint)
+        except MlflowException:
+            if attempt == 2:
+                raise
 
 
 def _receipt_key() -> str:
@@ -175,9 +173,8 @@ def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
 
 
 def _receipt(uri: str, experiment: str) -> str | None:
-    """The fingerprint this host's last sync left on `experiment`, read straight from a local
-    SQLite store (importing MLflow costs seconds); None elsewhere, or when anything is unexpected:
-    the full check runs."""
+    """The fingerprint this host's last sync left, read from a local SQLite store without MLflow
+    (seconds to import); None elsewhere or when anything is unexpected."""
     if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
     path = Path(unquote(uri[len("sqlite:///") :]))

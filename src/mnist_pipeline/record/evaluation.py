@@ -1,11 +1,9 @@
 """The evaluation record and the registry.
 
-From the evaluate stage's outputs: a run's test metrics (linked to its logged model and the test
-set), confusion matrix, per-class table and misclassified examples; and the checkpoint as a
-version of `<dataset>-<variant>`, whose alias `champion` moves only to a better model.
+From the evaluate stage's outputs: a run's test metrics, confusion matrix, per-class table and
+misclassified examples; the checkpoint as a version of `<dataset>-<variant>`, whose alias
+`champion` moves only to a better model.
 """
-
-from __future__ import annotations
 
 import contextlib
 import io
@@ -30,8 +28,7 @@ DEVICES_TAG = "devices"  # and the devices they trained on
 
 
 def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict[str, float]:
-    """The figures of `training`'s evaluation outputs (the file's, and what the predictions add),
-    and its artifacts drawn into `folder`: once for every run of those bytes."""
+    """The figures of `training`'s evaluation outputs, and its artifacts drawn into `folder`."""
     outputs = training.outputs
     y, pred = metrics.read_predictions(outputs.predictions)
     cm = metrics.confusion(y, pred)
@@ -50,12 +47,11 @@ def read_evaluation(store: runs.Store, training: Training, folder: Path) -> dict
 def record_evaluation(
     store: runs.Store, run, training: Training, figures: dict, folder: Path
 ) -> str:
-    """Into `run`: the test metrics (linked to its logged model and the test set), the artifacts
-    in `folder`, a registered version. Returns a line saying what was done."""
+    """Into `run`: the test metrics, the artifacts in `folder`, a registered version; a line."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     runs.log_datasets(run_id, {"evaluation": test_set})
-    model_id = torch_model_id(run)
+    model_id = logged_model_id(run)
     link = {"model_id": model_id, "dataset_name": test_set.name, "dataset_digest": test_set.digest}
     shown = {k: v for k, v in figures.items() if not k.startswith("test/accuracy_class_")}
     client.log_batch(run_id, metrics=as_metrics(shown, **link))
@@ -67,21 +63,17 @@ def record_evaluation(
     return line
 
 
-def torch_model_id(run) -> str | None:
-    """The logged model the training record made for `run` (its PyTorch form)."""
-    found = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{FORM_TAG}` = 'torch'",
-        output_format="list",
-    )
+def logged_model_id(run, form: str | None = "torch") -> str | None:
+    """The id of the logged model `run` made (of `form`; None: any), or None."""
+    where = f"source_run_id = '{run.info.run_id}'"
+    where += f" AND tags.`{FORM_TAG}` = '{form}'" if form else ""
+    found = mlflow.search_logged_models([run.info.experiment_id], where, output_format="list")
     return found[0].model_id if found else None
 
 
 def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
-    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes, listing every
-    host that wrote them), and the champion alias if it beats the current one. A version made
-    under `dvc exp run` never becomes the first champion: an experiment competes with its
-    baseline's. Returns a line saying what happened."""
+    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes), and the
+    champion alias if it beats the current one (under `dvc exp run`, never the first); a line."""
     tags = run.data.tags
     name = f"{dataset}-{tags['variant']}"
     version = _version(client, name, model_id, tags)
@@ -97,9 +89,8 @@ def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
     for key, value in values.items():
         if version.tags.get(key) != value:
             client.set_model_version_tag(name, version.version, key, value)
-    client.update_model_version(
-        name, version.version, description=_description(tags, accuracy, hosts)
-    )
+    description = _description(tags, accuracy, hosts)
+    client.update_model_version(name, version.version, description=description)
     champion = _promote(client, name, version, accuracy, tags)
     return f"registered {name} version {version.version} ({champion})"
 
@@ -114,10 +105,8 @@ def _promote(client, name: str, version, accuracy: float, tags: dict) -> str:
     # Two hosts evaluating at once race to set the alias: the loser looks at the champion again.
     for attempt in range(3):
         champion, best = _champion(client, name)
-        if champion is None:
-            promoted = experiment is None
-        else:
-            promoted = accuracy > best and champion.version != version.version
+        beats = champion is not None and accuracy > best and champion.version != version.version
+        promoted = experiment is None if champion is None else beats
         if not promoted:
             break
         try:
@@ -155,8 +144,7 @@ def _version(client, name: str, model_id: str, tags: dict):
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.tags.get(CHECKPOINT_TAG) == md5 or version.source == f"models:/{model_id}":
             return version
-    # MLflow's own registration links the version to the logged model; its stderr lines repeat
-    # what `register` returns.
+    # MLflow's registration links the version to the logged model; its stderr repeats our line.
     with contextlib.redirect_stderr(io.StringIO()):
         return mlflow.register_model(f"models:/{model_id}", name)
 

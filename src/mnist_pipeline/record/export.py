@@ -1,17 +1,12 @@
 """The export record: this host's figures of the three forms, and the ONNX forms as child runs.
 
-A run keeps one value per metric name: so the training run holds the PyTorch form's figures under
-the shared names (`test/accuracy`, ...) and the others' under their own (`int8/test/accuracy`),
-and each ONNX form's child run its figures under the shared names, linked to its logged model:
-the Models tab lines the forms up in one column. ONNX and ONNX Runtime are imported inside the
-functions that use them: an evaluation-only sync does without.
+The training run holds the PyTorch form's figures under the shared names (`test/accuracy`) and the
+others' under their own (`int8/test/accuracy`); each ONNX form's child run holds its own under the
+shared names, so the Models tab lines the forms up. ONNX is imported inside the functions.
 """
-
-from __future__ import annotations
 
 import json
 
-import mlflow
 from mlflow.entities import Param
 
 from mnist_pipeline import host, tracking
@@ -20,7 +15,7 @@ from mnist_pipeline.export import QUANTISATION
 from mnist_pipeline.models import inference_model
 from mnist_pipeline.record import store as runs
 from mnist_pipeline.record.agree import latency_on, measured_digest
-from mnist_pipeline.record.evaluation import torch_model_id
+from mnist_pipeline.record.evaluation import logged_model_id
 from mnist_pipeline.record.training import FORM_TAG, Training, as_metrics, log_model
 
 MEASURED_TAG = "record.measured"  # the export outputs this run's host measured
@@ -47,13 +42,12 @@ def measure(training: Training, test) -> dict:
 
 
 def record_export(store: runs.Store, run, training: Training, measured: dict) -> str:
-    """Into this host's `run`: every form's figures, and a child run per ONNX form with its
-    logged model (made once: a run measured again gets new figures only)."""
+    """Into this host's `run`: every form's figures, and a child run per ONNX form (made once)."""
     client, run_id = tracking.client(), run.info.run_id
     test_set = training.datasets()["evaluation"]
     sizes = json.loads(training.outputs.export_metrics.read_text())
     forms = measured["forms"]
-    model_ids = {"torch": torch_model_id(run)}
+    model_ids = {"torch": logged_model_id(run)}
     children = _form_runs(store, run, training)
     model_ids |= {form: model_id for form, (_, model_id) in children.items()}
     metrics = []
@@ -94,14 +88,9 @@ def _form_runs(store: runs.Store, run, training: Training) -> dict:
     )
     children = {}
     for child in found:
-        form = child.data.tags.get(FORM_TAG)
-        model = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{child.info.run_id}'",
-            output_format="list",
-        )
-        if form in ONNX_FORMS and model:
-            children[form] = (child.info.run_id, model[0].model_id)
+        form, model_id = child.data.tags.get(FORM_TAG), logged_model_id(child, form=None)
+        if form in ONNX_FORMS and model_id:
+            children[form] = (child.info.run_id, model_id)
     for form in ONNX_FORMS:
         if form not in children:
             children[form] = _form_run(store, run, training, form)
@@ -120,20 +109,15 @@ def _form_run(store: runs.Store, run, training: Training, form: str) -> tuple[st
     if form == "int8":
         params |= {f"quantisation.{k}": v for k, v in QUANTISATION.items()}
     child_tags = {k: v for k, v in tags.items() if k.startswith(("host", "cpu.", "git.", "data."))}
-    child_tags |= {
-        "mlflow.parentRunId": run.info.run_id,
-        runs.RUN_KIND_TAG: "form",
-        FORM_TAG: form,
-        "device": "cpu",
-        runs.NOTE_TAG: (
-            f"The {form} form of {run.info.run_name} (ONNX Runtime, CPU), exported from its "
-            f"checkpoint `{training.md5[:12]}`: its logged model, and the figures of it that "
-            f"host `{tags.get('host')}` measured."
-        ),
-    }
-    child = client.create_run(
-        run.info.experiment_id, run_name=f"{run.info.run_name} · {form}", tags=child_tags
+    note = (
+        f"The {form} form of {run.info.run_name} (ONNX Runtime, CPU), exported from its "
+        f"checkpoint `{training.md5[:12]}`: its logged model, and the figures of it that "
+        f"host `{tags.get('host')}` measured."
     )
+    child_tags |= {"mlflow.parentRunId": run.info.run_id, runs.RUN_KIND_TAG: "form"}
+    child_tags |= {FORM_TAG: form, "device": "cpu", runs.NOTE_TAG: note}
+    name = f"{run.info.run_name} · {form}"
+    child = client.create_run(run.info.experiment_id, run_name=name, tags=child_tags)
     client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     model_id = log_model(child, model, form, params, named_after=run)
     client.set_terminated(child.info.run_id, "FINISHED")

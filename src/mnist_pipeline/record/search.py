@@ -1,12 +1,8 @@
-"""A search's runs: a parent per search and a child per trial.
-
-Kept apart from the pipeline's: own names, `run.kind` search or trial, the variant under
-`search.variant` (grouping by `variant` shows pipeline runs only).
-"""
-
-from __future__ import annotations
+"""A search's runs: a parent per search and a child per trial, the variant under `search.variant`
+(grouping by `variant` shows pipeline runs only)."""
 
 import contextlib
+import socket
 
 from mlflow.entities import Param
 
@@ -30,10 +26,8 @@ def search_tags(store: runs.Store, variant: str, kind: str) -> dict[str, str]:
 @contextlib.contextmanager
 def search_run(store: runs.Store, variant: str, description: dict[str, str], inputs: dict):
     """The search's parent run, on the driver, its settings and data (`inputs`) logged first."""
-    tags = search_tags(store, variant, "search") | {
-        "host": host.host_label(),
-        "hostname": host.machine_tags()["hostname"],
-    }
+    tags = search_tags(store, variant, "search")
+    tags |= {"host": host.host_label(), "hostname": socket.gethostname()}
     space = description["search.space"]
     tags[runs.NOTE_TAG] = (
         f"Recipe search for {variant} from host {tags['host']}: {description['search.samples']} "
@@ -56,13 +50,11 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
 
 
 def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
-    """End trial `trial_id`'s runs still RUNNING (their process stopped or died first) with `how`
-    = (outcome, status), or FINISHED where the trial said it completed; its latest outcome."""
+    """End trial `trial_id`'s RUNNING runs with `how` = (outcome, status); its latest outcome."""
     client = tracking.client()
+    newest = ["attributes.start_time DESC"]
     found = client.search_runs(
-        [experiment_id],
-        f"tags.`{TRIAL_TAG}` = '{trial_id}'",
-        order_by=["attributes.start_time DESC"],
+        [experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'", order_by=newest
     )
     for run in found:
         outcome = run.data.tags.get(OUTCOME_TAG)

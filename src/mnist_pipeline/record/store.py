@@ -33,8 +33,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view the MLflow UI opens 
 
 @dataclass(frozen=True)
 class Store:
-    """A reachable tracking store holding the data set's experiment: `mlflow`'s current one from
-    here on, which every `tracking.client()` reaches."""
+    """A reachable tracking store holding the data set's experiment: `mlflow`'s current one."""
 
     uri: str
     experiment_id: str
@@ -55,8 +54,7 @@ def open_store(root: Path, dataset: str) -> Store:
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:
-    """A description, and the kind that makes MLflow 3's UI open on the training runs rather than
-    its GenAI overview; each set once (a user's own edits are kept)."""
+    """A description, and the kind that opens MLflow 3's UI on the runs; each set once."""
     experiment = mlflow.get_experiment(experiment_id)
     note = (
         f"MNIST-family classifiers trained by mnist-pipeline on **{dataset}**: one run per "
@@ -70,29 +68,22 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
     )
     tags = {EXPERIMENT_KIND_TAG: "custom_model_development", NOTE_TAG: note}
     for key, value in tags.items():
-        if key in experiment.tags:
-            continue
         # Two jobs on a new experiment (a queued sweep) race to set it; the loser's is cosmetic.
         with contextlib.suppress(MlflowException):
-            tracking.client().set_experiment_tag(experiment_id, key, value)
+            if key not in experiment.tags:
+                tracking.client().set_experiment_tag(experiment_id, key, value)
 
 
 @functools.cache
 def mlflow_run_parent() -> str | None:
-    """The run `mlflow run` started, whose children our runs become: taken out of the
-    environment once, or `mlflow.start_run` would resume it."""
+    """The run `mlflow run` started, taken out of the environment (else start_run resumes it)."""
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
-    """A run's tags that do not depend on the machine: what, of which kind, from which code, data
-    and DVC experiment. A search's trials take the driver's: a node has no project."""
-    tags = {
-        "variant": variant,
-        "git.commit": host.git_commit(store.root),
-        "data.dataset": store.dataset,
-        RUN_KIND_TAG: kind,
-    }
+    """A run's tags that do not depend on the machine (a search's trials take the driver's)."""
+    tags = {"variant": variant, "git.commit": host.git_commit(store.root)}
+    tags |= {"data.dataset": store.dataset, RUN_KIND_TAG: kind}
     if stage := os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = stage
     if name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`, queued or not
@@ -102,8 +93,7 @@ def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
 
 
 def describe_run(tags: dict, recipe: dict, checksum: str) -> str:
-    """The run's description (Markdown) from its tags: variant, recipe, data, commit, and its DVC
-    experiment with how to bring it into the workspace."""
+    """The run's description (Markdown) from its tags, recipe and data checksum."""
     shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
     text = (
         f"**{tags['variant']}** on host `{tags['host']}` ({tags.get('device', 'unknown')}).\n\n"
@@ -128,14 +118,7 @@ class EndRun(Exception):
 
 
 @contextlib.contextmanager
-def started_run(
-    experiment_id: str,
-    *,
-    name: str,
-    tags: dict,
-    system_metrics: bool = False,
-    parent_run_id: str | None = None,
-):
+def started_run(experiment_id, *, name: str, tags: dict, system_metrics=False, parent_run_id=None):
     """A new run, a child of `parent_run_id` or of `mlflow run`'s, ended FINISHED, FAILED on an
     error, KILLED on Ctrl-C or SIGTERM. A store that fails at the end is only a warning."""
     if system_metrics:
@@ -150,16 +133,14 @@ def started_run(
         parent_run_id=parent_run_id or mlflow_run_parent(),
         log_system_metrics=system_metrics,
     )
-    status = "FAILED"
+    status = "KILLED"  # unless the block ends otherwise: Ctrl-C, SIGTERM
     try:
         yield run
         status = "FINISHED"
     except EndRun as end:  # the caller's choice: this status, and nothing raised further
         status = end.status
     except Exception:
-        raise
-    except BaseException:  # Ctrl-C, SIGTERM
-        status = "KILLED"
+        status = "FAILED"
         raise
     finally:
         try:
@@ -169,9 +150,8 @@ def started_run(
 
 
 def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
-    """The data as MLflow dataset inputs by context: `training`, `validation` (its size and seed
-    in the digest) and `evaluation`. Digests derive from the content checksum: the same on any
-    host. The source is the data set's first public mirror."""
+    """The data as MLflow dataset inputs by context, their digests from the content checksum (the
+    same on any host), their source the first public mirror."""
     dataset = data.dataset
     mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
     source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
@@ -181,11 +161,8 @@ def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> di
         return MetaDataset(source, name=f"{dataset}-{split}", digest=digest)
 
     split = f"val_size={val_size},seed={seed}"
-    return {
-        "training": entry("train", split),
-        "validation": entry("validation", split),
-        "evaluation": entry("test", "t10k"),
-    }
+    found = {"training": entry("train", split), "validation": entry("validation", split)}
+    return found | {"evaluation": entry("test", "t10k")}
 
 
 def training_inputs(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
@@ -199,9 +176,8 @@ _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed"
 
 
 def log_datasets(run_id: str, found: dict, client=None) -> None:
-    """Log dataset inputs {context: dataset} to a run. Two hosts logging the same new data at
-    once race in MLflow's store (look up, then insert), and the second insert breaks the unique
-    key; the store rolls that call back whole, so trying again links the other's dataset."""
+    """Log dataset inputs {context: dataset} to a run. Two hosts logging new data at once race in
+    MLflow's store and the second insert breaks the unique key: trying again links the other's."""
     inputs = [
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, ds in found.items()

@@ -1,8 +1,7 @@
 """The training record: the live run around a training, and its record from the outputs.
 
-The live run gets the recipe, data, each epoch as it ends, system metrics and timings; then, from
-the outputs, the summary, the logged model, and last the checkpoint's MD5, which marks the record
-complete. A run rebuilt from the outputs gets the same record without the timings.
+The live run gets the recipe, data, epochs, system metrics and timings; then from the outputs the
+summary, the logged model, and last the checkpoint's MD5, which marks the record complete.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
 
 
 def rounded(value: float) -> float:
-    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: what the UI's tables
-    show as it is, not with seventeen digits."""
+    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: as the UI shows them."""
     return float(round(value)) if abs(value) >= 1000 else round(value, 6)
 
 
@@ -53,8 +51,7 @@ def as_metrics(figures: dict[str, float], step: int = 0, **link: str | None) -> 
 
 @dataclass(frozen=True)
 class Training:
-    """A training record's makings: the variant's outputs and the data they came from. The recipe
-    and settings are the checkpoint's own (a one-off's differ from params.yaml's)."""
+    """A variant's outputs and the data they came from; the recipe is the checkpoint's own."""
 
     variant: str
     outputs: paths.Outputs
@@ -85,8 +82,7 @@ class Training:
 
 @dataclass
 class EpochLogger:
-    """Logs each epoch's metrics to run `run_id` in one call. A store that fails mid-run is a
-    warning (training goes on, its results are saved locally); the first error is kept."""
+    """Logs each epoch to run `run_id`; a store that fails is a warning, its first error kept."""
 
     run_id: str
     error: str | None = None
@@ -98,11 +94,8 @@ class EpochLogger:
             tracking.client().log_batch(self.run_id, metrics=as_metrics(row, epoch))
         except Exception as err:
             self.error = first_line(err)
-            print(
-                f"warning: could not log epoch {epoch} to MLflow ({self.error}); "
-                "training continues",
-                file=sys.stderr,
-            )
+            warning = f"could not log epoch {epoch} to MLflow ({self.error}); training continues"
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checksum: str, extra):
@@ -114,8 +107,7 @@ def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checks
 
 
 def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device=None):
-    """A new run for `training`: live (timed, with system metrics) on a `torch.device`, or
-    rebuilt from the outputs (`device` None: no timings, none invented)."""
+    """A new run for `training`: live on a `torch.device`, or rebuilt (device None: no timings)."""
     live = device is not None
     kind = "one-off" if training.outputs.one_off else "pipeline"
     tags = host.machine_tags(device) | runs.shared_tags(store, variant=training.variant, kind=kind)
@@ -133,20 +125,17 @@ def new_run(store: runs.Store, training: Training, *, recipe: dict, checksum: st
 def log_timings(run_id: str, history: list[dict[str, float]]) -> None:
     """What only a live run knows: how long training took (medians: the first epoch warms up)."""
     seconds = [row["time/epoch_seconds"] for row in history]
+    speeds = [row["time/samples_per_second"] for row in history]
     figures = {
         "time/train_seconds": sum(seconds),
         "time/median_epoch_seconds": statistics.median(seconds),
-        "time/median_samples_per_second": statistics.median(
-            row["time/samples_per_second"] for row in history
-        ),
+        "time/median_samples_per_second": statistics.median(speeds),
     }
     tracking.client().log_batch(run_id, metrics=as_metrics(figures))
 
 
 def record_training(run_id: str, training: Training, *, live: bool = False) -> str:
-    """From the outputs into run `run_id`: the summary, the history (a live run logged it as it
-    went), the logged model (its figures are linked by the evaluation and export records), and
-    last the checkpoint's MD5. Returns the logged model's id."""
+    """From the outputs into run `run_id`: summary, history, logged model (its id), last the MD5."""
     model, meta = training.checkpoint
     kept_epoch = meta.get("epoch")
     client = tracking.client()
@@ -161,10 +150,8 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
             )
     if kept_epoch is not None:
         client.log_metric(run_id, "kept_epoch", kept_epoch)
-    run = client.get_run(run_id)
-    model_id = log_model(
-        run, model, "torch", params={"variant": training.variant, **meta["recipe"]}
-    )
+    params = {"variant": training.variant, **meta["recipe"]}
+    model_id = log_model(client.get_run(run_id), model, "torch", params=params)
     client.set_tag(run_id, CHECKPOINT_TAG, training.md5)
     return model_id
 
@@ -186,8 +173,7 @@ def model_name(run, form: str) -> str:
 
 
 def signature() -> ModelSignature:
-    """float32 images (-1, 1, 28, 28) in, float32 probabilities (-1, 10) out; unnamed tensors:
-    MLflow's PyTorch flavour serves a plain array (`{"inputs": [...]}`)."""
+    """float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -195,26 +181,20 @@ def signature() -> ModelSignature:
 
 
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
-    """Log `model` (torch: an nn.Sequential, logged in its served form; onnx or int8: an ONNX
-    model) as a logged model of `run`, named after `named_after` (a form's child run: its
-    training run) or `run`; its id. Best called with no run active: MLflow links every unlinked
-    metric of the active run to the model. The flavours are imported here: an evaluation-only
-    sync never needs them, nor ONNX."""
+    """Log `model` (torch: logged in its served form; onnx, int8: an ONNX model) as a logged model
+    of `run`, named after `named_after` or `run`; its id. Best called with no run active: MLflow
+    links every unlinked metric of the active run to the model."""
     name = model_name(named_after or run, form)
+    source = {"source_run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     logged = mlflow.initialize_logged_model(
         name=name,
-        source_run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
         params={k: str(v) for k, v in params.items()},
         tags={FORM_TAG: form},
         model_type="pytorch" if form == "torch" else "onnx",
+        **source,
     )
-    common = {
-        "name": name,
-        "model_id": logged.model_id,
-        "signature": signature(),
-        "input_example": np.zeros((2, *INPUT_SHAPE), dtype=np.float32),
-    }
+    common = {"name": name, "model_id": logged.model_id, "signature": signature()}
+    common["input_example"] = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
     with _requirements_known():
         _log_form(model, form, common)
     active = mlflow.active_run()
@@ -239,6 +219,7 @@ def _requirements_known():
 
 
 def _log_form(model, form: str, common: dict) -> None:
+    # The flavours (and ONNX) are imported here: an evaluation-only sync never needs them.
     if form == "torch":
         from mlflow import pytorch as flavour
 
@@ -268,8 +249,7 @@ class Live:
 
 @contextlib.contextmanager
 def live_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device, extra):
-    """The run around a training on `device`, its recipe and data logged first; each epoch goes
-    through `Live.log_epoch`."""
+    """The run around a training on `device`, its recipe and data logged first."""
     with new_run(store, training, recipe=recipe, checksum=checksum, device=device) as run:
         log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
         yield Live(run, EpochLogger(run.info.run_id))
