@@ -1,14 +1,7 @@
 """What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
 
-<<<<<<< HEAD
-PyTorch on the device, ONNX and int8 under ONNX Runtime on the CPU: latency at batch 1, throughput
-at batch 256, and each ONNX form's test accuracy under this host's kernels, on the whole set and,
-for int8 (it scales activations by each batch's range), one image at a time. They belong to the
-host: MLflow only.
-=======
 PyTorch on the device, the ONNX forms on the CPU; their accuracy under this host's kernels, whole
 and one image at a time (int8 scales activations per batch). MLflow only.
->>>>>>> diet2
 """
 
 import statistics
