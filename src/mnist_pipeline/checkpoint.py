@@ -1,8 +1,7 @@
 """The checkpoint format: save, load, and refuse what is not ours.
 
-The kept epoch's weights and what rebuilds the model, nothing that differs between two runs of one
-recipe: an identical retrain gives the same bytes, and DVC re-runs nothing downstream.
-"""
+Nothing that differs between two runs of one recipe: an identical retrain gives the same bytes,
+and DVC re-runs nothing downstream."""
 
 import dataclasses
 import io

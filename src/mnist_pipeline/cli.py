@@ -1,15 +1,5 @@
 """The `mnist-pipeline` command line: one subcommand per stage, parsed here, run by `commands`.
 
-    mnist-pipeline download
-    mnist-pipeline train --variant ffn1_relu                  # the params.yaml recipe (DVC's)
-    mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/
-    mnist-pipeline evaluate --variant ffn1_relu [--one-off]
-    mnist-pipeline export --variant ffn1_relu
-    mnist-pipeline report
-    mnist-pipeline sync                                       # MLflow agrees with the outputs
-    mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--exp NAME] [--csv out.csv]
-    mnist-pipeline tune --variant ffn1_relu --samples 16 [--address HOST:PORT] [--apply]
-
 A user mistake ends with one line on stderr and exit code 2 (bad input) or 1, never a traceback.
 """
 

@@ -1,9 +1,7 @@
 """Each command below the command line: run the stage, then record it in MLflow.
 
-A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run, a
-one-off's at once, the pipeline's other outputs in `sync`. Each command imports its stage and
-recording inside its function (torch, MLflow or ONNX): a command pays only for what it uses.
-"""
+`train` records its live run and a one-off its evaluation at once; the rest waits for `sync`. Each
+imports its stage inside (torch, MLflow, ONNX): a command pays only for what it uses."""
 
 from pathlib import Path
 

@@ -1,10 +1,7 @@
 """Compare: the tracking store as one table, variants × host/device.
 
-Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
-else the accuracy difference), test accuracy, training speed, and each form's measured figures.
-Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
-by `sync` shows as device `rebuilt`.
-"""
+Per group, `same` where the checkpoint has the first group's bytes (else the accuracy difference),
+then COLUMNS. Finished training runs only; a run rebuilt by `sync` shows as device `rebuilt`."""
 
 from collections.abc import Sequence
 from pathlib import Path

@@ -1,7 +1,6 @@
 """params.yaml parsed, once at the edge, into typed frozen objects that pydantic validates.
 
-Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
-"""
+Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2)."""
 
 import dataclasses
 import re

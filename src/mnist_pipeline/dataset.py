@@ -1,7 +1,6 @@
 """The data set on disk: the four IDX files, their checksums, and loading them into tensors.
 
-torch is imported by `read_idx` alone: `download` uses this module without it.
-"""
+torch is imported by `read_idx` alone: `download` uses this module without it."""
 
 from __future__ import annotations
 

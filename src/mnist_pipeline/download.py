@@ -1,9 +1,7 @@
 """The download stage: fetch the four IDX files from a mirror (params.yaml's, or MNIST_MIRROR).
 
-A file is accepted only if its uncompressed content has the canonical MD5 (mirrors re-compress:
-the .gz bytes may differ) and its IDX header fits its size; it is written atomically. torchvision's
-MNIST download checks the .gz files' MD5s, which a re-compressing mirror fails.
-"""
+Not torchvision's: it checks the .gz files' MD5s, which a re-compressing mirror fails. Here the
+content's MD5 and IDX header are checked, and each file is written atomically."""
 
 import gzip
 import hashlib

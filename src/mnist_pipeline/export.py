@@ -1,9 +1,7 @@
 """The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
-Writes exports/<variant>/ and metrics/export/<variant>.json (each form's size, the same on every
-host); what a host measures of the forms is `measure`'s. ONNX is imported inside the functions:
-`record.export` reads QUANTISATION, and only an export pays for ONNX.
-"""
+It writes the forms and their sizes (the same on every host); a host's figures are `measure`'s.
+ONNX is imported inside the functions: `record.export` reads QUANTISATION without it."""
 
 from __future__ import annotations
 

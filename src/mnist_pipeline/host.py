@@ -1,7 +1,6 @@
 """What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
 
-torch is imported inside the functions that describe a device: `sync`'s no-op path does without.
-"""
+torch is imported inside the functions that describe a device: `sync`'s no-op path does without."""
 
 import os
 import platform

@@ -1,8 +1,6 @@
 """The training loop, shared by the train stage and the search's trials.
 
-Each epoch is validated on a seeded split of the training set and reported. The data sits on the
-device and a batch is an index slice: no DataLoader collating every batch.
-"""
+The data sits on the device and a batch is an index slice: no DataLoader collating every batch."""
 
 import math
 import time

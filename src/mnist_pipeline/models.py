@@ -1,9 +1,7 @@
 """The model variants: a plain mapping from name to architecture, and one builder.
 
-Each model is an `nn.Sequential` of stock layers: a logged model unpickles without this package. A
-new variant: an entry in VARIANTS and a recipe in params.yaml. torch is imported inside the
-functions: `download` and `report` read VARIANTS and never load torch.
-"""
+Stock layers in an `nn.Sequential`: a logged model unpickles without this package. torch is
+imported inside the functions: `download` and `report` read VARIANTS without it."""
 
 from __future__ import annotations
 

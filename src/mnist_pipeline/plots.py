@@ -1,8 +1,7 @@
 """Every chart the project draws: the evaluation's, the report's and compare's.
 
 matplotlib is imported (headless) when a chart is drawn, torch by the one chart that needs it:
-`report` must not load torch, nor `compare` matplotlib without --chart.
-"""
+`report` must not load torch, nor `compare` matplotlib without --chart."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """An HTML template for `dvc plots show` that renders without the internet.
 
-    python -m mnist_pipeline.plots_page .dvc/tmp/offline-plots.html   # `make setup` runs this
-
-DVC's own page loads vega from a CDN (blank offline); this one carries it inline, from
-`vl-convert-python`. DVC reads it through its `plots.html_template` setting.
-"""
+DVC's own page loads vega from a CDN; this one inlines it (`vl-convert-python`). `make setup`
+writes it (`python -m mnist_pipeline.plots_page OUT.html`) as DVC's `plots.html_template`."""
 
 import sys
 from pathlib import Path

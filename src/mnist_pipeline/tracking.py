@@ -1,7 +1,6 @@
 """Where runs go and whether that store can be used: URI, experiment, checks, client.
 
-MLflow is imported inside the functions: `sync`'s no-op path runs without it.
-"""
+MLflow is imported inside the functions: `sync`'s no-op path runs without it."""
 
 import contextlib
 import functools

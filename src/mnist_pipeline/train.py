@@ -1,8 +1,6 @@
 """The train stage: train one variant, write its checkpoint, history and training metrics.
 
-Only what the recipe and seed determine is written: the same recipe twice, the same bytes. The
-MLflow run around it (`commands.train`) gets each epoch through `on_epoch`.
-"""
+Only what the recipe and seed determine is written: the same recipe twice, the same bytes."""
 
 import dataclasses
 from dataclasses import dataclass

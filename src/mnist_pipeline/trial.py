@@ -1,8 +1,7 @@
 """A search's trial: one recipe trained with the project's loop in a Ray worker.
 
 Each epoch is reported to Tune and to the trial's MLflow run, a child of the search's. Ray is
-imported inside the functions, which run in a worker: `tune` imports this module before Ray starts.
-"""
+imported inside the functions (run in a worker): `tune` imports this module before Ray starts."""
 
 import dataclasses
 import hashlib

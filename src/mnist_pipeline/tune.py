@@ -1,9 +1,7 @@
 """The search: a variant's recipe searched on Ray Tune, a parent run with a child run per trial.
 
-Optuna's TPE proposes recipes from params.yaml's `tune:` space; ASHA stops a trial whose
-validation accuracy falls behind. A trial writes no DVC output. Ray is imported inside the
-functions: the flags and params.yaml are checked before the seconds it takes to load.
-"""
+Optuna's TPE proposes recipes from the `tune:` space, ASHA stops the trials that fall behind; a
+trial writes no DVC output. Ray is imported inside: the flags and params.yaml are checked first."""
 
 import contextlib
 import dataclasses

@@ -1,11 +1,7 @@
 """Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-`mnist-pipeline sync`, the last stage of `dvc repro`: every finished run of a checkpoint's bytes
-gets the evaluation read back from the outputs, this host's runs what this host measured; a
-checkpoint no run trained gets a run rebuilt. Each part tags the run with its outputs' digest, so
-it is recorded once. A no-op compares the outputs' fingerprint with this host's last, without
-MLflow: the recording modules (MLflow, torch) are imported inside the functions, when there is work.
-"""
+Each part tags a run with its outputs' digest: recorded once. A no-op `sync` compares the outputs'
+fingerprint with this host's last without loading MLflow or torch (imported when there is work)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
 """The evaluation record and the registry.
 
-From the evaluate stage's outputs: a run's test metrics, confusion matrix, per-class table and
-misclassified examples; the checkpoint as a version of `<dataset>-<variant>`, whose alias
-`champion` moves only to a better model.
-"""
+From the evaluate stage's outputs; each checkpoint is a version of `<dataset>-<variant>`."""
 
 import contextlib
 import io
