@@ -21,8 +21,7 @@ def download(params: Params, root: Path) -> None:
 
 
 def train(params: Params, root: Path, variant: str, **overrides) -> str:
-    """Train `variant` (with `overrides`: a one-off when they change it) in a live MLflow run; the
-    run's id. A signal ends the run KILLED, saving nothing; once saving has begun, it waits."""
+    """Train `variant` in a live MLflow run (a one-off if `overrides` change it); the run's id."""
     from mnist_pipeline import train as stage
     from mnist_pipeline.device import resolve_device
     from mnist_pipeline.record import store as runs

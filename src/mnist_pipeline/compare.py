@@ -55,8 +55,7 @@ def compare(
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Print (and write where asked) the table; return it, numbers unformatted. Rows: variants, or
-    (variant, run) with `latest_only=False`; with `dvc_exp`, that experiment beside its baseline."""
+    """Print, and write where asked, the table; return it unformatted."""
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)

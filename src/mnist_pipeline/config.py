@@ -251,8 +251,7 @@ def parse_params(raw: Any) -> Params:
 
 
 def safe_load(text: str, path: Path) -> Any:
-    """YAML as DVC reads it (ruamel.yaml, YAML 1.2: the `1e-05` that `dvc exp run -S lr=1e-5`
-    writes is a number, where PyYAML's YAML 1.1 reads a string)."""
+    """YAML 1.2, as DVC reads it: `dvc exp run -S lr=1e-5` writes `1e-05`, a string to PyYAML."""
     try:
         return YAML(typ="safe").load(text)
     except YAMLError as err:  # its own message spans several lines

@@ -87,8 +87,8 @@ class _Counted(io.RawIOBase):
 
 
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """A gzip stream's content (every member), chunk by chunk; a stream that is not gzip passes as
-    is. Refuses truncated or corrupt gzip and HTML error pages."""
+    """A gzip stream's content (every member), chunk by chunk, or a plain stream as is; refuses
+    corrupt or truncated gzip and HTML error pages."""
     stream = io.BufferedReader(_Counted(raw, progress), dataset.CHUNK)
     head = stream.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
     if not head:

@@ -120,8 +120,7 @@ def evaluate_split(model: nn.Sequential, data: Split) -> tuple[float, float]:
 
 
 def fit(setup: SetUp, *, recipe: Recipe, keep: str, on_epoch: OnEpoch, label: str) -> Fit:
-    """The epochs, each trained, validated and reported. Kept: with keep="best" and a validation
-    split, the first epoch to reach the best validation accuracy; otherwise the last."""
+    """The epochs; kept: the first best on validation (keep="best"), else the last."""
     model, train_data, val_data = setup.model, setup.train, setup.val
     history: list[dict[str, float]] = []
     best = None  # (validation accuracy, epoch, weights) of the first epoch to reach the best

@@ -24,8 +24,7 @@ Runner = Callable[[Any], Any]
 def measure(
     served: torch.nn.Module, onnx_models: dict[str, bytes], x, y, device, *, latency: bool = True
 ) -> dict:
-    """{form: figures} over test images `x` (float32, CPU) and labels `y` (numpy). One ONNX session
-    at a time: ONNX Runtime's threads spin a while after a call, slowing the next form's."""
+    """{form: figures}. One ONNX session at a time: ORT's threads spin on, slowing the next."""
     figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
     images = x.numpy()
     for form, model in onnx_models.items():

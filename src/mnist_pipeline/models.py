@@ -99,8 +99,7 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
 
 
 def inference_model(model: nn.Sequential) -> nn.Sequential:
-    """The served form of every variant: a CPU copy in eval mode, float32 images (N, 1, 28, 28) in
-    [0, 1] in, class probabilities (N, 10) out (dropout as identities, a Softmax head)."""
+    """The served form: a CPU copy in eval mode, dropout as identities, class probabilities out."""
     from torch import nn
 
     layers = [

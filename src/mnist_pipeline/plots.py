@@ -137,8 +137,7 @@ def _spread(values: list[float], gap: float) -> list[float]:
 
 
 def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Per variant, a colour per host · device: test accuracy and training throughput as bars,
-    each form's batch-1 latency as dots; the legend above the panels, covering no bar."""
+    """Per variant and host · device: accuracy and throughput bars, each form's latency dots."""
     plt = _pyplot()
     groups = list(table.columns.get_level_values(0).unique())
     variants = list(table.index)

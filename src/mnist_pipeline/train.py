@@ -29,13 +29,11 @@ class Job:
 
     @property
     def values(self) -> dict:
-        """The recipe and the training settings, as the run's parameters."""
         recipe, settings = self.params.recipe(self.variant), self.params.train
         return {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
 
 
 def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) -> Job:
-    """Everything before the first epoch: the device, the data (checked), the seeded set-up."""
     device = resolve_device(params.train.device)
     data = load_dataset(root, params.data.dataset)
     setup = loop.set_up(variant, params.recipe(variant), params.train, data, device)

@@ -54,7 +54,6 @@ def tensor_digest(data: Dataset) -> str:
 
 
 def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
-    """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
     import ray
     from ray import tune as ray_tune
 

@@ -94,8 +94,7 @@ def _check_store_for_cluster(uri: str, address: str | None) -> None:
 
 @contextlib.contextmanager
 def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
-    """Join the cluster at `address`, else start Ray here; leave or stop it at the end. Every
-    worker gets the tracking URI: one on another node has no project holding the store."""
+    """Join the cluster at `address`, else start Ray here; every worker gets the store's URI."""
     import ray
 
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
@@ -137,7 +136,6 @@ def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[st
 def _tuner(
     job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
 ):
-    """Tune's Tuner: TPE behind a concurrency limit, ASHA, retries, the best checkpoint kept."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -183,8 +181,7 @@ def _tuner(
 
 
 def _trial_outcomes(experiment_id: str):
-    """A Tune callback on the driver, counting what became of each trial. A trial that ASHA
-    stopped, or whose node died, never ends its own MLflow run: it is ended here."""
+    """Counts trials' outcomes; ends the run of one that ASHA stopped or whose node died."""
     from ray import tune as ray_tune
 
     class Outcomes(ray_tune.Callback):

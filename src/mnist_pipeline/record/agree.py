@@ -143,8 +143,7 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
 
 
 def _leave_receipt(experiment_id: str, fingerprint: str) -> None:
-    """Two syncs at once on one host (a queued sweep's tasks) may both insert the receipt; the one
-    refused for a duplicate key tries again, and updates it."""
+    """Two syncs on one host may both insert the receipt: the one refused tries again."""
     from mlflow.exceptions import MlflowException
 
     for attempt in (1, 2):
@@ -169,8 +168,7 @@ def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
 
 
 def _receipt(uri: str, experiment: str) -> str | None:
-    """The fingerprint this host's last sync left, read from a local SQLite store without MLflow
-    (seconds to import); None elsewhere or when anything is unexpected."""
+    """This host's last fingerprint from a local SQLite store, without MLflow (slow to import)."""
     if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
     path = Path(unquote(uri[len("sqlite:///") :]))

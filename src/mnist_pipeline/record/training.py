@@ -156,7 +156,6 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
 
 
 def read_history(path: Path) -> dict[int, dict[str, float]]:
-    """A history CSV's rows (plots/train/<variant>.csv): epoch -> metrics."""
     if not path.is_file():
         return {}
     with path.open(newline="") as f:
@@ -180,9 +179,8 @@ def signature() -> ModelSignature:
 
 
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
-    """Log `model` (torch: logged in its served form; onnx, int8: an ONNX model) as a logged model
-    of `run`, named after `named_after` or `run`; its id. Best called with no run active: MLflow
-    links every unlinked metric of the active run to the model."""
+    """Log `model` (torch: its served form; onnx, int8: ONNX) as `run`'s logged model; its id.
+    Best with no run active: MLflow links every unlinked metric of the active run to the model."""
     name = model_name(named_after or run, form)
     source = {"source_run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     logged = mlflow.initialize_logged_model(
@@ -204,11 +202,8 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
 
 @contextlib.contextmanager
 def _requirements_known():
-    """MLflow checks a model's pip requirements against this environment, when it writes the
-    model and when it loads it back to check the input example serves, by mapping every installed
-    distribution's files to modules (about a second a process). Ours are the versions read from
-    this environment, so the check cannot warn: it is skipped where MLflow 3 keeps it, and runs
-    wherever a newer MLflow moved it."""
+    """Skip MLflow's check of the pip requirements against this environment (1 s a process):
+    they are this environment's versions. Where a newer MLflow moved the check, it runs."""
     name = "warn_dependency_requirement_mismatches"
     with contextlib.ExitStack() as stack:
         for module in map(importlib.import_module, ("mlflow.utils.environment", "mlflow.pyfunc")):
