@@ -37,23 +37,25 @@ def train(params: Params, root: Path, variant: str, **overrides) -> str:
     extra |= {"train_size": len(job.setup.train.y), "num_params": count_parameters(job.setup.model)}
     values, checksum = job.values, job.data.checksum
     with signals.between_steps():
-        with record.live_run(
-            store, training, recipe=values, checksum=checksum, device=job.device, extra=extra
-        ) as live:
-            fitted = stage.run(job, live.log_epoch)
-            _check_logged(live.log_epoch.error, variant, outputs, root, store.uri)
-            record.log_timings(live.run.info.run_id, fitted.history)
-        record.record_training(live.run.info.run_id, training, live=True)
+        with record.new_run(
+            store, training, recipe=values, checksum=checksum, device=job.device
+        ) as run:
+            record.log_recipe(run.info.run_id, variant, params.data, values, checksum, extra)
+            log_epoch = record.EpochLogger(run.info.run_id)
+            fitted = stage.run(job, log_epoch)
+            _check_logged(log_epoch.error, variant, outputs, root, store.uri)
+            record.log_timings(run.info.run_id, fitted.history)
+        record.record_training(run.info.run_id, training, live=True)
         if signals.received():
             print(f"{variant}: a signal came while saving; the run is done")
     where = outputs.checkpoint.relative_to(root)
-    print(f"{variant}: MLflow run {live.run.info.run_id} ({live.run.info.run_name}), {where}")
+    print(f"{variant}: MLflow run {run.info.run_id} ({run.info.run_name}), {where}")
     if outputs.one_off:
         print(
             f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
             f"`mnist-pipeline evaluate --variant {variant} --one-off`"
         )
-    return live.run.info.run_id
+    return run.info.run_id
 
 
 def _check_logged(error: str | None, variant: str, outputs, root: Path, uri: str) -> None:

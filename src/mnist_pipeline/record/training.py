@@ -233,17 +233,3 @@ def _log_form(model, form: str, common: dict) -> None:
             onnx_execution_providers=["CPUExecutionProvider"],
             **common,
         )
-
-
-@dataclass
-class Live:
-    run: Any
-    log_epoch: EpochLogger
-
-
-@contextlib.contextmanager
-def live_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device, extra):
-    """The run around a training on `device`, its recipe and data logged first."""
-    with new_run(store, training, recipe=recipe, checksum=checksum, device=device) as run:
-        log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
-        yield Live(run, EpochLogger(run.info.run_id))
