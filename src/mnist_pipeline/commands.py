@@ -130,6 +130,6 @@ def tune(
         raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
     params.search_space(check_variant(variant))  # a bad or missing tune: section, before Ray
     early_stopping = not options.pop("no_early_stopping")
-    found = tune(params, variant, root, TuneOptions(**options, early_stopping=early_stopping))
+    best = tune(params, variant, root, TuneOptions(**options, early_stopping=early_stopping))
     if apply:
-        apply_recipe(params_file, variant, found.best_recipe)
+        apply_recipe(params_file, variant, best)

@@ -32,8 +32,6 @@ from mnist_pipeline.trial import (
     tensor_digest,
 )
 
-REDUCTION_FACTOR = 2  # ASHA keeps the better half at each rung (epochs 1, 2, 4, ...)
-
 
 @dataclass(frozen=True)
 class TuneOptions:
@@ -48,15 +46,8 @@ class TuneOptions:
     seed: int | None = None  # Optuna's sampler; default train.seed
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    run_id: str
-    best_recipe: Recipe
-    best_accuracy: float
-
-
-def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
-    """Search `variant`'s recipe; interrupted, the runs end KILLED, the best so far recorded."""
+def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Recipe:
+    """The best recipe for `variant`; interrupted, the runs end KILLED, the best so far recorded."""
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
@@ -74,11 +65,11 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
             return _conclude(grid, job, outcomes.counts)
         interrupted = ("interrupted", "KILLED")
         record.end_running_trials(store.experiment_id, parent.info.run_id, interrupted)
-        result = None
+        best = None
         with contextlib.suppress(PipelineError):
-            result = _conclude(grid, job, outcomes.counts)
+            best = _conclude(grid, job, outcomes.counts)
         raise runs.EndRun("KILLED")
-    done = f"; the best so far: MLflow run {result.run_id}" if result else ""
+    done = f"; the best so far: MLflow run {parent.info.run_id}" if best else ""
     raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
 
 
@@ -112,8 +103,8 @@ def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
 
 
 def _asha(space: SearchSpace) -> dict[str, int]:
-    """ASHA's settings (its time unit: one reported epoch)."""
-    return {"grace_period": 1, "reduction_factor": REDUCTION_FACTOR, "max_t": max(space.epochs)}
+    """ASHA's settings (time unit: one reported epoch), keeping the better half at each rung."""
+    return {"grace_period": 1, "reduction_factor": 2, "max_t": max(space.epochs)}
 
 
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
@@ -213,7 +204,7 @@ def _trial_outcomes(experiment_id: str):
     return Outcomes()
 
 
-def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
+def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> Recipe:
     """The best trial's recipe and accuracy on the parent run, its kept weights a logged model."""
     parent_run_id = job.parent_run_id
     best = _best_trial(grid)
@@ -241,7 +232,7 @@ def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
         f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(counts)}; "
         f"MLflow run {parent_run_id})"
     )
-    return SearchResult(run_id=parent_run_id, best_recipe=recipe, best_accuracy=accuracy)
+    return recipe
 
 
 def _best_trial(grid):
