@@ -10,13 +10,9 @@ from pathlib import Path
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 # The CPU flags (/proc/cpuinfo's) that decide the libraries' kernels: speed, and int8's rounding.
-ISA_FLAGS = {
-    "avx2": "avx2",
-    "avx512": "avx512f",
-    "vnni": "avx512_vnni",
-    "avx_vnni": "avx_vnni",
-    "amx": "amx_int8",
-}
+ISA_FLAGS = dict(
+    avx2="avx2", avx512="avx512f", vnni="avx512_vnni", avx_vnni="avx_vnni", amx="amx_int8"
+)
 # Settings that pin the libraries' CPU code paths (README "Reproducible bytes"), recorded when set.
 ISA_PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
