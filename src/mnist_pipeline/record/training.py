@@ -170,14 +170,6 @@ def model_name(run, form: str) -> str:
     return f"{variant}-{form}@{tags.get('host', 'unknown')}-{run.info.run_id[:8]}"
 
 
-def signature() -> ModelSignature:
-    """float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
-
-
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
     """Log `model` (torch: its served form; onnx, int8: ONNX) as `run`'s logged model; its id.
     Best with no run active: MLflow links every unlinked metric of the active run to the model."""
@@ -190,7 +182,11 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
         model_type="pytorch" if form == "torch" else "onnx",
         **source,
     )
-    common = {"name": name, "model_id": logged.model_id, "signature": signature()}
+    # float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))])
+    signature = ModelSignature(inputs, outputs)
+    common = {"name": name, "model_id": logged.model_id, "signature": signature}
     common["input_example"] = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
     with _requirements_known():
         _log_form(model, form, common)
