@@ -50,7 +50,7 @@ def latency_on() -> bool:
     return os.environ.get(LATENCY_ENV, "on").lower() not in ("off", "0", "no", "false")
 
 
-def agree(store, training, test=None) -> list[str]:
+def agree(store, training) -> list[str]:
     """Make the store hold complete runs for `training`'s checkpoint; what was done."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
@@ -74,7 +74,7 @@ def agree(store, training, test=None) -> list[str]:
     mine = [r for r in mine if CHECKPOINT_TAG in r.data.tags]
     mine = [r for r in mine if r.data.tags.get(export.MEASURED_TAG) != wanted]
     if mine:
-        measured = export.measure(training, (test or _test_set(store))())
+        measured = export.measure(training, _test_set(store.root, store.dataset))
         for run in mine:
             line = export.record_export(store, client.get_run(run.info.run_id), training, measured)
             done.append(f"{run.info.run_name}: {line}")
@@ -101,20 +101,16 @@ def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
     return sorted(runs, key=lambda run: run.data.tags.get("host") != host.host_label())
 
 
-def _test_set(store):
-    """A loader of the test images and labels, run at most once."""
+@functools.cache
+def _test_set(root: Path, dataset: str):
+    """The test images (float32, CPU) and labels (numpy), read once a process."""
+    import torch
 
-    @functools.cache
-    def load():
-        import torch
+    from mnist_pipeline.device import as_float
 
-        from mnist_pipeline.device import as_float
-
-        folder = paths.data_dir(store.root, store.dataset)
-        x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
-        return x, read_idx(folder / FILES[3]).long().numpy()
-
-    return load
+    folder = paths.data_dir(root, dataset)
+    x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
+    return x, read_idx(folder / FILES[3]).long().numpy()
 
 
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
@@ -131,9 +127,9 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
     from mnist_pipeline.record.training import Training
 
     store = open_store(root, params.data.dataset)
-    changed, test = 0, _test_set(store)
+    changed = 0
     for variant, found in outputs.items():
-        done = agree(store, Training(variant, found, params.data), test)
+        done = agree(store, Training(variant, found, params.data))
         changed += bool(done)
         for line in done:
             print(f"{variant}: {line}")
