@@ -81,12 +81,10 @@ def compare(
         plural = "s" * (skipped > 1)
         print(f"({skipped} one-off or trial run{plural} left out: add --one-off to include)")
     title = f"{name}: {kind} per variant and host · device"
-    asked = ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart))
-    for path, write in asked:
+    for path, write in ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart)):
         if path:
             write(table, title, path)
-    for path in (path for path, _ in asked if path):
-        print(f"wrote {path}")
+            print(f"wrote {path}")
     return table
 
 
