@@ -40,8 +40,6 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 
 def measured_digest(outputs: paths.Outputs) -> str | None:
     """A run's `record.measured` tag once its host measured the current exports (and setting)."""
-    if outputs.export_dir is None:
-        return None
     found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
     return None if found is None else found + ("" if latency_on() else ":accuracy-only")
 
