@@ -44,7 +44,6 @@ def _local_folder(mirror: str) -> Path | None:
 
 
 def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
-    """Open `<mirror>/<name>` (a URL or a local folder); return the stream and its length."""
     folder = _local_folder(mirror)
     if folder is None:
         url = mirror.rstrip("/") + "/" + name
@@ -108,7 +107,6 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
 
 
 def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
-    """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
     try:
         stream, length = _open_source(mirror, name + ".gz")
         bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None)

@@ -157,6 +157,5 @@ def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _shown(row: dict[str, float]) -> str:
     figures = " ".join(f"{k} {row[k]:.4f}" for k in HISTORY_COLUMNS[1:] if k in row)
-    return (
-        f"{figures} ({row['time/epoch_seconds']:.2f}s, {row['time/samples_per_second']:.0f} img/s)"
-    )
+    seconds, speed = row["time/epoch_seconds"], row["time/samples_per_second"]
+    return f"{figures} ({seconds:.2f}s, {speed:.0f} img/s)"

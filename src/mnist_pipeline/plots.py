@@ -32,7 +32,6 @@ def _save(fig, path: Path) -> None:
 
 
 def confusion_matrix(cm: torch.Tensor, path: Path, title: str) -> None:
-    """The confusion matrix with its counts (rows: true class, columns: predicted)."""
     plt = _pyplot()
     counts = cm.numpy()
     fig, ax = plt.subplots(figsize=(6, 5.5))
@@ -79,9 +78,7 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
     """Left: test accuracy against size, every variant labelled. Right: the variants ranked."""
     plt = _pyplot()
     accuracy = table["test_accuracy"] * 100
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.15, 1]}
-    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=[1.15, 1])
     left.scatter(table["params"], accuracy, zorder=3)
     from matplotlib.ticker import EngFormatter
 

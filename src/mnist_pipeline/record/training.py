@@ -98,7 +98,6 @@ class EpochLogger:
 
 
 def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checksum: str, extra):
-    """The recipe with the training settings (and `extra`) as params, the data as dataset inputs."""
     values = {"variant": variant, **recipe, **extra}
     tracking.client().log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     split = {"val_size": recipe.get("val_size", 0), "seed": recipe.get("seed", 0)}
