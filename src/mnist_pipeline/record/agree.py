@@ -3,8 +3,6 @@
 Each part tags a run with its outputs' digest: recorded once. A no-op `sync` compares the outputs'
 fingerprint with this host's last without loading MLflow or torch (imported when there is work)."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import hashlib
@@ -13,15 +11,12 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from mnist_pipeline import host, paths, tracking
+from mnist_pipeline.config import Params
 from mnist_pipeline.dataset import FILES, file_md5, read_idx
 from mnist_pipeline.models import count_parameters
-
-if TYPE_CHECKING:
-    from mnist_pipeline.config import Params
 
 RECEIPT_TAG = "mnist_pipeline.synced"  # on the experiment, per host: the outputs last agreed
 LATENCY_ENV = "MNIST_PIPELINE_LATENCY"  # "off": measure the forms' accuracy only, not their speed

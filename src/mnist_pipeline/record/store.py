@@ -1,7 +1,5 @@
 """The store and the run lifecycle: experiment, a run's start and end, tags, dataset inputs."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import hashlib
@@ -10,7 +8,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -20,9 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mnist_pipeline import host, tracking
-
-if TYPE_CHECKING:
-    from mnist_pipeline.config import DataConfig
+from mnist_pipeline.config import DataConfig
 
 NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
 RUN_KIND_TAG = "run.kind"  # pipeline | one-off | form | search | trial

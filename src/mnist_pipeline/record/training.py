@@ -3,8 +3,6 @@
 The live run gets the recipe, data, epochs, system metrics and timings; then from the outputs the
 summary, the logged model, and last the checkpoint's MD5, which marks the record complete."""
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import functools
@@ -14,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from unittest import mock
 
 import mlflow
@@ -25,13 +23,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from mnist_pipeline import checkpoint, host, paths, tracking
+from mnist_pipeline.config import DataConfig
 from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.models import INPUT_SHAPE, NUM_CLASSES, inference_model, summary_text
 from mnist_pipeline.record import store as runs
-
-if TYPE_CHECKING:
-    from mnist_pipeline.config import DataConfig
 
 CHECKPOINT_TAG = "checkpoint.md5"  # set last: the training record is complete
 FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
