@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
 
 from mnist_pipeline import dataset
 from mnist_pipeline.config import DataConfig
@@ -69,27 +70,12 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
     return path.open("rb"), path.stat().st_size
 
 
-class _Counted(io.RawIOBase):
-    """A stream whose every read is reported to `progress` (the progress bar)."""
-
-    def __init__(self, raw: BinaryIO, progress: Callable[[int], None]) -> None:
-        self._raw = raw
-        self._progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = self._raw.readinto(buffer) or 0
-        self._progress(n)
-        return n
-
-
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
     """A gzip stream's content (every member), chunk by chunk, or a plain stream as is; refuses
     corrupt or truncated gzip and HTML error pages."""
-    stream = io.BufferedReader(_Counted(raw, progress), dataset.CHUNK)
-    head = stream.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
+    buffered = io.BufferedReader(raw, dataset.CHUNK)
+    head = buffered.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
+    stream = CallbackIOWrapper(progress, buffered, "read")  # each read's length to the bar
     if not head:
         raise MirrorFailure("served an empty file")
     if head[:2] != GZIP_MAGIC:
