@@ -1,7 +1,6 @@
 """Each command below the command line: run the stage, then record it in MLflow.
 
-`train` records its live run and a one-off its evaluation at once; the rest waits for `sync`. Each
-imports its stage inside (torch, MLflow, ONNX): a command pays only for what it uses."""
+Each imports its stage inside (torch, MLflow, ONNX): a command pays only for what it uses."""
 
 from pathlib import Path
 

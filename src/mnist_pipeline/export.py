@@ -1,7 +1,6 @@
 """The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
-It writes the forms and their sizes (the same on every host); a host's figures are `measure`'s.
-ONNX is imported inside the functions: `record.export` reads QUANTISATION without it."""
+ONNX is imported inside: `record.export` reads QUANTISATION without it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """A search's trial: one recipe trained with the project's loop in a Ray worker.
 
-Each epoch is reported to Tune and to the trial's MLflow run, a child of the search's. Ray is
-imported inside the functions (run in a worker): `tune` imports this module before Ray starts."""
+Ray is imported inside the functions (run in a worker): `tune` imports this before Ray starts."""
 
 import dataclasses
 import hashlib

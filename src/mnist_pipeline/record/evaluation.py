@@ -1,6 +1,4 @@
-"""The evaluation record and the registry.
-
-From the evaluate stage's outputs; each checkpoint is a version of `<dataset>-<variant>`."""
+"""The evaluation record and the registry."""
 
 import contextlib
 import io

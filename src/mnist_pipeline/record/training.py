@@ -1,7 +1,4 @@
-"""The training record: the live run around a training, and its record from the outputs.
-
-The live run gets the recipe, data, epochs, system metrics and timings; then from the outputs the
-summary, the logged model, and last the checkpoint's MD5, which marks the record complete."""
+"""The training record: the live run around a training, and its record from the outputs."""
 
 import contextlib
 import csv
