@@ -26,8 +26,6 @@ from mnist_pipeline.fileio import atomic_path
 from mnist_pipeline.paths import data_dir
 
 MIRROR_ENV = "MNIST_MIRROR"
-TIMEOUT_S = 30
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class MirrorFailure(Exception):
@@ -50,7 +48,7 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         url = mirror.rstrip("/") + "/" + name
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
         try:
-            response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=30)
         except urllib.error.HTTPError as err:
             raise MirrorFailure(f"HTTP {err.code} {err.reason}") from None
         except (urllib.error.URLError, OSError) as err:
@@ -78,7 +76,7 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
     stream = CallbackIOWrapper(progress, buffered, "read")  # each read's length to the bar
     if not head:
         raise MirrorFailure("served an empty file")
-    if head[:2] != GZIP_MAGIC:
+    if head[:2] != b"\x1f\x8b":  # not gzip
         if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
             raise MirrorFailure("served an HTML page, not the data")
         yield from iter(lambda: stream.read(dataset.CHUNK), b"")

@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-DPI = 110
-
 
 def _pyplot():
     import matplotlib
@@ -27,7 +25,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     _pyplot().close(fig)
 
 

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import vl_convert
 
-# DVC's chart specs declare Vega-Lite v5: bundle the newest v5 the package ships.
-VEGA_LITE_MAJOR = "5."
-
 PAGE = """<!DOCTYPE html>
 <html>
 <head>
@@ -36,8 +33,8 @@ LIBS
 
 def template() -> str:
     """The page, with the libraries inline (a `</script` inside them would end the tag)."""
-    vega_lite = max(
-        (v for v in vl_convert.get_vegalite_versions() if v.startswith(VEGA_LITE_MAJOR)),
+    vega_lite = max(  # DVC's chart specs declare Vega-Lite v5: the newest v5 the package ships
+        (v for v in vl_convert.get_vegalite_versions() if v.startswith("5.")),
         key=lambda v: tuple(int(part) for part in v.split(".")),
     )
     libs = vl_convert.javascript_bundle(vl_version=vega_lite).replace("</script", "<\\/script")
