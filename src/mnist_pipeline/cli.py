@@ -97,17 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    root = project_root()
-    params_file = args.params or root / PARAMS_FILE
-    params = load_params(params_file)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
-    if args.command == "tune":
-        options["params_file"] = params_file  # where --apply writes
-    getattr(commands, args.command)(params, root, **options)
-    return 0
-
-
 def _environment_error(err: BaseException) -> str | None:
     """One line for an OSError or an MLflow error; None for a bug, which keeps its traceback."""
     if isinstance(err, OSError):
@@ -156,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-pipeline {args.command}: " + " ".join(text.splitlines()), file=sys.stderr)
 
     try:
-        return run(args)
+        root = project_root()
+        params_file = args.params or root / PARAMS_FILE
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
+        if args.command == "tune":
+            options["params_file"] = params_file  # where --apply writes
+        getattr(commands, args.command)(load_params(params_file), root, **options)
+        return 0
     except PipelineError as err:
         say(f"error: {err}")
         return err.exit_code
