@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = _StderrHandler()  # basicConfig runs once per process
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), handlers=[handler])
-    # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines drown ours
     if "MNIST_PIPELINE_LOG" not in os.environ:
         # A server that goes away: the pipeline says so in one line, not MLflow's many warnings.
         for name in ("urllib3.connectionpool", "mlflow.system_metrics", "mlflow.store.db.utils"):

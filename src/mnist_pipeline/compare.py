@@ -16,8 +16,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
 from mnist_pipeline.models import VARIANTS
 
-# (metric, label in the printed table, how the printed table shows it)
-COLUMNS = (
+COLUMNS = (  # (metric, label in the printed table, how the printed table shows it)
     ("test/accuracy", "accuracy", lambda v: f"{v:.2%}"),
     ("time/median_epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
     ("time/median_samples_per_second", "img/s", lambda v: f"{v:,.0f}"),

@@ -54,8 +54,7 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise MirrorFailure(f"unreachable ({reason})") from None
-        except (http.client.HTTPException, ValueError) as err:
-            # a malformed URL (`http://host:port-typo/`) or a reply that is not HTTP
+        except (http.client.HTTPException, ValueError) as err:  # a bad URL, a reply not HTTP
             raise MirrorFailure(f"bad URL or reply ({type(err).__name__}: {err})") from None
         length = response.headers.get("Content-Length")
         return response, int(length) if length and length.isdigit() else None
@@ -110,8 +109,7 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
             dataset.check_idx_file(tmp, name)
     except dataset.BadIdx as err:
         raise MirrorFailure(str(err)) from None
-    except (OSError, http.client.HTTPException) as err:
-        # HTTPException: IncompleteRead, a chunked reply cut off
+    except (OSError, http.client.HTTPException) as err:  # IncompleteRead: a chunked reply cut off
         raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
 
 

@@ -205,8 +205,7 @@ def _log_form(model, form: str, common: dict) -> None:
     if form == "torch":
         from mlflow import pytorch as flavour
 
-        # Stated: inferring requirements loads the model in a fresh environment (seconds).
-        needs = [f"torch=={torch.__version__.split('+')[0]}"]
+        needs = [f"torch=={torch.__version__.split('+')[0]}"]  # inferring them takes seconds
         flavour.log_model(inference_model(model), pip_requirements=needs, **common)
     else:
         import onnx
