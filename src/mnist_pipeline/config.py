@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     TypeAdapter,
@@ -41,7 +40,6 @@ Mirrors = Annotated[  # a lone string is a one-mirror list
 ]
 # `mirrors:` or `variants:` with every entry commented out is an empty mapping.
 _EMPTY_IF_NONE = BeforeValidator(lambda v: {} if v is None else v)
-_SECTION = ConfigDict(extra="forbid")
 
 
 def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
@@ -51,7 +49,7 @@ def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
     return data
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class _Section:
     @model_validator(mode="before")
     @classmethod
@@ -59,7 +57,7 @@ class _Section:
         return _known_keys(data, tuple(f.name for f in dataclasses.fields(cls)))
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class DataConfig(_Section):
     dataset: Dataset
     # dataset -> mirror URLs or folders, tried in order
@@ -70,7 +68,7 @@ class DataConfig(_Section):
         return self.mirrors.get(self.dataset, ())
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class TrainConfig(_Section):
     seed: NonNegative
     device: Literal["auto", "cpu", "cuda", "mps"]
@@ -78,7 +76,7 @@ class TrainConfig(_Section):
     keep: Literal["best", "last"] = "best"  # the checkpoint's epoch: best validation, or last
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class Recipe(_Section):
     optimizer: Literal["sgd", "adam"]
     lr: PositiveFloat
@@ -115,7 +113,7 @@ def _low_below_high(bounds: LogRange) -> LogRange:
 LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_below_high)]
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class SearchSpace(_Section):
     """What `tune` searches for one variant: lr log-uniformly, batch size and epochs by choice."""
 
@@ -124,7 +122,7 @@ class SearchSpace(_Section):
     epochs: Choices
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class SpaceReplacement(_Section):
     lr: LrBounds | None = None
     batch_size: Choices | None = None
@@ -141,7 +139,7 @@ def check_variant(name: str, error: type[Exception] = ConfigError) -> str:
 _Variant = Annotated[str, AfterValidator(lambda name: check_variant(name, ValueError))]
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class TuneSection(SearchSpace):
     """The shared search space, and per-variant replacements of its keys (SpaceReplacement)."""
 
@@ -155,7 +153,7 @@ class TuneSection(SearchSpace):
         return dataclasses.replace(SearchSpace(self.lr, self.batch_size, self.epochs), **replaced)
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class Params(_Section):
     data: DataConfig
     train: TrainConfig
