@@ -37,9 +37,7 @@ def _local_folder(mirror: str) -> Path | None:
     if mirror.startswith("file:"):
         # url2pathname undoes the percent-encoding (a space is %20); urlsplit drops `localhost`
         return Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
-    if "://" in mirror:
-        return None
-    return Path(mirror).expanduser()
+    return None if "://" in mirror else Path(mirror).expanduser()
 
 
 def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
