@@ -8,7 +8,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -131,10 +130,12 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
     kept_epoch = meta.get("epoch")
     client = tracking.client()
     client.log_text(run_id, summary_text(model), "model_summary.txt")
-    if not live:
+    if not live and training.outputs.history.is_file():
         history = EpochLogger(run_id)
-        for epoch, row in read_history(training.outputs.history).items():
-            history(row, epoch)
+        with training.outputs.history.open(newline="") as f:
+            for row in csv.DictReader(f):  # plots/train/<variant>.csv
+                epoch = int(row.pop("epoch"))
+                history({k: float(v) for k, v in row.items() if v}, epoch)
         if history.error is not None:
             raise PipelineError(
                 f"{training.variant}: could not record the history ({history.error})"
@@ -145,14 +146,6 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
     model_id = log_model(client.get_run(run_id), model, "torch", params=params)
     client.set_tag(run_id, CHECKPOINT_TAG, training.md5)
     return model_id
-
-
-def read_history(path: Path) -> dict[int, dict[str, float]]:
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {int(row.pop("epoch")): {k: float(v) for k, v in row.items() if v} for row in rows}
 
 
 def model_name(run, form: str) -> str:
