@@ -29,15 +29,12 @@ CHECKPOINT_TAG = "checkpoint.md5"  # set last: the training record is complete
 FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
 
 
-def rounded(value: float) -> float:
-    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: as the UI shows them."""
-    return float(round(value)) if abs(value) >= 1000 else round(value, 6)
-
-
 def as_metrics(figures: dict[str, float], step: int = 0, **link: str | None) -> list[Metric]:
-    """`figures`, rounded, as MLflow metrics at `step`; `link`: model_id, dataset_name/_digest."""
+    """`figures` as MLflow metrics at `step` (`link`: model_id, dataset_name/_digest), rounded as
+    the UI shows them: six decimals (the DVC metrics files'), whole numbers from 1,000 up."""
     now = int(time.time() * 1000)
-    return [Metric(k, rounded(v), now, step, **link) for k, v in figures.items()]
+    shown = {k: float(round(v)) if abs(v) >= 1000 else round(v, 6) for k, v in figures.items()}
+    return [Metric(k, v, now, step, **link) for k, v in shown.items()]
 
 
 @dataclass(frozen=True)
