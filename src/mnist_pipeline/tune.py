@@ -51,7 +51,13 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Reci
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
-    _check_store_for_cluster(store.uri, address)
+    # On a cluster, every node logs to the store: a file on this machine is not one it can.
+    if address and address != "local" and store.uri.split(":", 1)[0] in ("sqlite", "file", ""):
+        raise PipelineError(
+            f"the tracking store {store.uri} is a file on this machine, which the cluster's other "
+            "nodes cannot write to; set MLFLOW_TRACKING_URI to a tracking server all nodes "
+            "reach (docs/tune.md)"
+        )
     data = load_dataset(root, params.data.dataset)
     split = {"val_size": params.train.val_size, "seed": params.train.seed}
     inputs = runs.training_inputs(params.data, data.checksum, **split)
@@ -71,16 +77,6 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Reci
         raise runs.EndRun("KILLED")
     done = f"; the best so far: MLflow run {parent.info.run_id}" if best else ""
     raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
-
-
-def _check_store_for_cluster(uri: str, address: str | None) -> None:
-    """On a cluster, every node logs to the store: a file on this machine is not one it can."""
-    if address and address != "local" and uri.split(":", 1)[0] in ("sqlite", "file", ""):
-        raise PipelineError(
-            f"the tracking store {uri} is a file on this machine, which the cluster's other "
-            "nodes cannot write to; set MLFLOW_TRACKING_URI to a tracking server all nodes "
-            "reach (docs/tune.md)"
-        )
 
 
 @contextlib.contextmanager
