@@ -118,8 +118,7 @@ def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
 
 
 def _csv(table: pd.DataFrame, title: str, path: Path) -> None:
-    flat = table.copy()
-    flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
+    flat = table.set_axis([f"{group}: {metric}" for group, metric in table.columns], axis=1)
     write_text_atomic(path, flat.to_csv())
 
 

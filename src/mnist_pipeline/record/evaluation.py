@@ -83,8 +83,7 @@ def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
     for key, value in values.items():
         if version.tags.get(key) != value:
             client.set_model_version_tag(name, version.version, key, value)
-    description = _description(tags, accuracy, hosts)
-    client.update_model_version(name, version.version, description=description)
+    client.update_model_version(name, version.version, _description(tags, accuracy, hosts))
     champion = _promote(client, name, version, accuracy, tags)
     return f"registered {name} version {version.version} ({champion})"
 
