@@ -56,10 +56,8 @@ def machine_tags(device=None) -> dict[str, str]:
     tags["platform"] = platform.platform()
     if device is not None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-        tags |= {
-            "device": device.type,
-            "device.name": "Apple MPS" if device.type == "mps" else name,
-        }
+        name = "Apple MPS" if device.type == "mps" else name
+        tags |= {"device": device.type, "device.name": name}
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             tags["device.compute_capability"] = f"{major}.{minor}"
