@@ -1,8 +1,7 @@
 """The checkpoint format: save, load, and refuse what is not ours.
 
-The kept epoch's weights and what rebuilds the model, nothing that differs between two runs of one
-recipe: an identical retrain gives the same bytes, and DVC re-runs nothing downstream.
-"""
+Nothing that differs between two runs of one recipe: an identical retrain gives the same bytes,
+and DVC re-runs nothing downstream."""
 
 import dataclasses
 import io
@@ -29,10 +28,8 @@ def save(path: Path, model: nn.Module, variant: str, recipe: Recipe, **extra: An
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # Plain values made afresh from JSON: pickle writes a value met twice as a reference, so equal
     # values held by one object or by two (a flag equal to params.yaml's) gave different bytes.
-    meta = json.loads(
-        json.dumps({"variant": variant, "recipe": dataclasses.asdict(recipe), **extra})
-    )
-    payload = {"format": FORMAT, **meta, "state_dict": state}
+    meta = {"variant": variant, "recipe": dataclasses.asdict(recipe), **extra}
+    payload = {"format": FORMAT, **json.loads(json.dumps(meta)), "state_dict": state}
 
     def write(tmp: Path) -> None:
         # Serialised in memory: a full disk is an OSError (torch's writer says "unexpected pos").

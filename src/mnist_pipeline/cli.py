@@ -1,15 +1,5 @@
 """The `mnist-pipeline` command line: one subcommand per stage, parsed here, run by `commands`.
 
-    mnist-pipeline download
-    mnist-pipeline train --variant ffn1_relu                  # the params.yaml recipe (DVC's)
-    mnist-pipeline train --variant ffn1_relu --epochs 1 --lr 0.05   # a one-off: one-off/<variant>/
-    mnist-pipeline evaluate --variant ffn1_relu [--one-off]
-    mnist-pipeline export --variant ffn1_relu
-    mnist-pipeline report
-    mnist-pipeline sync                                       # MLflow agrees with the outputs
-    mnist-pipeline compare [--variants a,b] [--hosts h1,h2] [--exp NAME] [--csv out.csv]
-    mnist-pipeline tune --variant ffn1_relu --samples 16 [--address HOST:PORT] [--apply]
-
 A user mistake ends with one line on stderr and exit code 2 (bad input) or 1, never a traceback.
 """
 
@@ -107,17 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    root = project_root()
-    params_file = args.params or root / PARAMS_FILE
-    params = load_params(params_file)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
-    if args.command == "tune":
-        options["params_file"] = params_file  # where --apply writes
-    getattr(commands, args.command)(params, root, **options)
-    return 0
-
-
 def _environment_error(err: BaseException) -> str | None:
     """One line for an OSError or an MLflow error; None for a bug, which keeps its traceback."""
     if isinstance(err, OSError):
@@ -136,9 +115,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def entry() -> None:
-    """`main()`, then a quick exit: the interpreter's own shutdown frees a stage's half a million
-    objects one by one, 1.3 s to 3.4 s on 2 cores (benchmarks/README.md). Unless a non-daemon
-    thread still works, the exit handlers run, the streams are flushed and the process ends."""
+    """`main()`, then `os._exit`: the interpreter's shutdown frees a stage's half a million objects
+    one by one, 1.3 s to 3.4 s on 2 cores (benchmarks/README.md)."""
     code = main()
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if any(t.is_alive() and not t.daemon for t in others):
@@ -155,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = _StderrHandler()  # basicConfig runs once per process
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=os.environ.get("MNIST_PIPELINE_LOG", "WARNING"), handlers=[handler])
-    # MLflow's INFO lines (database set-up, system-metrics start/stop) drown the epoch lines.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines drown ours
     if "MNIST_PIPELINE_LOG" not in os.environ:
         # A server that goes away: the pipeline says so in one line, not MLflow's many warnings.
         for name in ("urllib3.connectionpool", "mlflow.system_metrics", "mlflow.store.db.utils"):
@@ -167,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-pipeline {args.command}: " + " ".join(text.splitlines()), file=sys.stderr)
 
     try:
-        return run(args)
+        root = project_root()
+        params_file = args.params or root / PARAMS_FILE
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
+        if args.command == "tune":
+            options["params_file"] = params_file  # where --apply writes
+        getattr(commands, args.command)(load_params(params_file), root, **options)
+        return 0
     except PipelineError as err:
         say(f"error: {err}")
         return err.exit_code

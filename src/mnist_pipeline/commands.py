@@ -1,9 +1,6 @@
 """Each command below the command line: run the stage, then record it in MLflow.
 
-A stage module writes what DVC tracks; `record/` makes the MLflow record: `train` its live run, a
-one-off's at once, the pipeline's other outputs in `sync`. Each command imports its stage and
-recording inside its function (torch, MLflow or ONNX): a command pays only for what it uses.
-"""
+Each imports its stage inside (torch, MLflow, ONNX): a command pays only for what it uses."""
 
 from pathlib import Path
 
@@ -23,8 +20,7 @@ def download(params: Params, root: Path) -> None:
 
 
 def train(params: Params, root: Path, variant: str, **overrides) -> str:
-    """Train `variant` (with `overrides`: a one-off when they change it) in a live MLflow run; the
-    run's id. A signal ends the run KILLED, saving nothing; once saving has begun, it waits."""
+    """Train `variant` in a live MLflow run (a one-off if `overrides` change it); the run's id."""
     from mnist_pipeline import train as stage
     from mnist_pipeline.device import resolve_device
     from mnist_pipeline.record import store as runs
@@ -40,23 +36,25 @@ def train(params: Params, root: Path, variant: str, **overrides) -> str:
     extra |= {"train_size": len(job.setup.train.y), "num_params": count_parameters(job.setup.model)}
     values, checksum = job.values, job.data.checksum
     with signals.between_steps():
-        with record.live_run(
-            store, training, recipe=values, checksum=checksum, device=job.device, extra=extra
-        ) as live:
-            fitted = stage.run(job, live.log_epoch)
-            _check_logged(live.log_epoch.error, variant, outputs, root, store.uri)
-            record.log_timings(live.run.info.run_id, fitted.history)
-        record.record_training(live.run.info.run_id, training, live=True)
+        with record.new_run(
+            store, training, recipe=values, checksum=checksum, device=job.device
+        ) as run:
+            record.log_recipe(run.info.run_id, variant, params.data, values, checksum, extra)
+            log_epoch = record.EpochLogger(run.info.run_id)
+            fitted = stage.run(job, log_epoch)
+            _check_logged(log_epoch.error, variant, outputs, root, store.uri)
+            record.log_timings(run.info.run_id, fitted.history)
+        record.record_training(run.info.run_id, training, live=True)
         if signals.received():
             print(f"{variant}: a signal came while saving; the run is done")
     where = outputs.checkpoint.relative_to(root)
-    print(f"{variant}: MLflow run {live.run.info.run_id} ({live.run.info.run_name}), {where}")
+    print(f"{variant}: MLflow run {run.info.run_id} ({run.info.run_name}), {where}")
     if outputs.one_off:
         print(
             f"{variant}: a one-off recipe: the pipeline's outputs are unchanged; score it with "
             f"`mnist-pipeline evaluate --variant {variant} --one-off`"
         )
-    return live.run.info.run_id
+    return run.info.run_id
 
 
 def _check_logged(error: str | None, variant: str, outputs, root: Path, uri: str) -> None:
@@ -131,6 +129,6 @@ def tune(
         raise ConfigError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
     params.search_space(check_variant(variant))  # a bad or missing tune: section, before Ray
     early_stopping = not options.pop("no_early_stopping")
-    found = tune(params, variant, root, TuneOptions(**options, early_stopping=early_stopping))
+    best = tune(params, variant, root, TuneOptions(**options, early_stopping=early_stopping))
     if apply:
-        apply_recipe(params_file, variant, found.best_recipe)
+        apply_recipe(params_file, variant, best)

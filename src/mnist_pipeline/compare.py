@@ -1,10 +1,7 @@
 """Compare: the tracking store as one table, variants × host/device.
 
-Per `host · device` (the runs' tags): whether the checkpoint has the first group's bytes (`same`,
-else the accuracy difference), test accuracy, training speed, and each form's measured figures.
-Finished training runs of the params.yaml recipes only (`--one-off` adds one-offs); a run rebuilt
-by `sync` shows as device `rebuilt`.
-"""
+Per group, `same` where the checkpoint has the first group's bytes (else the accuracy difference),
+then COLUMNS. Finished training runs only; a run rebuilt by `sync` shows as device `rebuilt`."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +16,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
 from mnist_pipeline.models import VARIANTS
 
-# (metric, label in the printed table, how the printed table shows it)
-COLUMNS = (
+COLUMNS = (  # (metric, label in the printed table, how the printed table shows it)
     ("test/accuracy", "accuracy", lambda v: f"{v:.2%}"),
     ("time/median_epoch_seconds", "s/epoch", lambda v: f"{v:.3g}"),
     ("time/median_samples_per_second", "img/s", lambda v: f"{v:,.0f}"),
@@ -58,8 +54,7 @@ def compare(
     markdown_path: Path | None = None,
     chart_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Print (and write where asked) the table; return it, numbers unformatted. Rows: variants, or
-    (variant, run) with `latest_only=False`; with `dvc_exp`, that experiment beside its baseline."""
+    """Print, and write where asked, the table; return it unformatted."""
     for variant in variants or ():
         check_variant(variant)
     uri = tracking.tracking_uri(root)
@@ -85,12 +80,10 @@ def compare(
         plural = "s" * (skipped > 1)
         print(f"({skipped} one-off or trial run{plural} left out: add --one-off to include)")
     title = f"{name}: {kind} per variant and host · device"
-    asked = ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart))
-    for path, write in asked:
+    for path, write in ((csv_path, _csv), (markdown_path, _markdown), (chart_path, _chart)):
         if path:
             write(table, title, path)
-    for path in (path for path, _ in asked if path):
-        print(f"wrote {path}")
+            print(f"wrote {path}")
     return table
 
 
@@ -125,8 +118,7 @@ def beside_baseline(runs: pd.DataFrame, name: str, where: str) -> pd.DataFrame:
 
 
 def _csv(table: pd.DataFrame, title: str, path: Path) -> None:
-    flat = table.copy()
-    flat.columns = [f"{group}: {metric}" for group, metric in table.columns]
+    flat = table.set_axis([f"{group}: {metric}" for group, metric in table.columns], axis=1)
     write_text_atomic(path, flat.to_csv())
 
 

@@ -1,7 +1,6 @@
 """params.yaml parsed, once at the edge, into typed frozen objects that pydantic validates.
 
-Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2).
-"""
+Each error is one line naming the key, its value and what is allowed (ConfigError, exit 2)."""
 
 import dataclasses
 import re
@@ -12,7 +11,6 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import (
     AfterValidator,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     TypeAdapter,
@@ -42,7 +40,6 @@ Mirrors = Annotated[  # a lone string is a one-mirror list
 ]
 # `mirrors:` or `variants:` with every entry commented out is an empty mapping.
 _EMPTY_IF_NONE = BeforeValidator(lambda v: {} if v is None else v)
-_SECTION = ConfigDict(extra="forbid")
 
 
 def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
@@ -52,7 +49,7 @@ def _known_keys(data: Any, allowed: Iterable[str]) -> Any:
     return data
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class _Section:
     @model_validator(mode="before")
     @classmethod
@@ -60,7 +57,7 @@ class _Section:
         return _known_keys(data, tuple(f.name for f in dataclasses.fields(cls)))
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class DataConfig(_Section):
     dataset: Dataset
     # dataset -> mirror URLs or folders, tried in order
@@ -71,7 +68,7 @@ class DataConfig(_Section):
         return self.mirrors.get(self.dataset, ())
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class TrainConfig(_Section):
     seed: NonNegative
     device: Literal["auto", "cpu", "cuda", "mps"]
@@ -79,7 +76,7 @@ class TrainConfig(_Section):
     keep: Literal["best", "last"] = "best"  # the checkpoint's epoch: best validation, or last
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class Recipe(_Section):
     optimizer: Literal["sgd", "adam"]
     lr: PositiveFloat
@@ -116,7 +113,7 @@ def _low_below_high(bounds: LogRange) -> LogRange:
 LrBounds = Annotated[LogRange, BeforeValidator(_lr_bounds), AfterValidator(_low_below_high)]
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class SearchSpace(_Section):
     """What `tune` searches for one variant: lr log-uniformly, batch size and epochs by choice."""
 
@@ -125,7 +122,7 @@ class SearchSpace(_Section):
     epochs: Choices
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class SpaceReplacement(_Section):
     lr: LrBounds | None = None
     batch_size: Choices | None = None
@@ -142,7 +139,7 @@ def check_variant(name: str, error: type[Exception] = ConfigError) -> str:
 _Variant = Annotated[str, AfterValidator(lambda name: check_variant(name, ValueError))]
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class TuneSection(SearchSpace):
     """The shared search space, and per-variant replacements of its keys (SpaceReplacement)."""
 
@@ -156,7 +153,7 @@ class TuneSection(SearchSpace):
         return dataclasses.replace(SearchSpace(self.lr, self.batch_size, self.epochs), **replaced)
 
 
-@dataclass(frozen=True, config=_SECTION)
+@dataclass(frozen=True)
 class Params(_Section):
     data: DataConfig
     train: TrainConfig
@@ -252,8 +249,7 @@ def parse_params(raw: Any) -> Params:
 
 
 def safe_load(text: str, path: Path) -> Any:
-    """YAML as DVC reads it (ruamel.yaml, YAML 1.2: the `1e-05` that `dvc exp run -S lr=1e-5`
-    writes is a number, where PyYAML's YAML 1.1 reads a string)."""
+    """YAML 1.2, as DVC reads it: `dvc exp run -S lr=1e-5` writes `1e-05`, a string to PyYAML."""
     try:
         return YAML(typ="safe").load(text)
     except YAMLError as err:  # its own message spans several lines

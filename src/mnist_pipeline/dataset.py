@@ -1,7 +1,4 @@
-"""The data set on disk: the four IDX files, their checksums, and loading them into tensors.
-
-torch is imported by `read_idx` alone: `download` uses this module without it.
-"""
+"""The data set on disk: the four IDX files, their checksums, and loading them into tensors."""
 
 from __future__ import annotations
 
@@ -127,7 +124,7 @@ def read_idx(path: Path) -> torch.Tensor:
         _check_size(dims, len(data), str(path))
     except BadIdx as err:
         raise PipelineError(f"{err}; {_FIX}") from None
-    import torch
+    import torch  # here alone: `download` uses this module without torch
 
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
     return torch.from_numpy(array.copy())

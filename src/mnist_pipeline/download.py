@@ -1,9 +1,7 @@
 """The download stage: fetch the four IDX files from a mirror (params.yaml's, or MNIST_MIRROR).
 
-A file is accepted only if its uncompressed content has the canonical MD5 (mirrors re-compress:
-the .gz bytes may differ) and its IDX header fits its size; it is written atomically. torchvision's
-MNIST download checks the .gz files' MD5s, which a re-compressing mirror fails.
-"""
+Not torchvision's: it checks the .gz files' MD5s, which a re-compressing mirror fails. Here the
+content's MD5 and IDX header are checked, and each file is written atomically."""
 
 import gzip
 import hashlib
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
 
 from mnist_pipeline import dataset
 from mnist_pipeline.config import DataConfig
@@ -27,8 +26,6 @@ from mnist_pipeline.fileio import atomic_path
 from mnist_pipeline.paths import data_dir
 
 MIRROR_ENV = "MNIST_MIRROR"
-TIMEOUT_S = 30
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class MirrorFailure(Exception):
@@ -40,26 +37,22 @@ def _local_folder(mirror: str) -> Path | None:
     if mirror.startswith("file:"):
         # url2pathname undoes the percent-encoding (a space is %20); urlsplit drops `localhost`
         return Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
-    if "://" in mirror:
-        return None
-    return Path(mirror).expanduser()
+    return None if "://" in mirror else Path(mirror).expanduser()
 
 
 def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
-    """Open `<mirror>/<name>` (a URL or a local folder); return the stream and its length."""
     folder = _local_folder(mirror)
     if folder is None:
         url = mirror.rstrip("/") + "/" + name
         request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
         try:
-            response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+            response = urllib.request.urlopen(request, timeout=30)
         except urllib.error.HTTPError as err:
             raise MirrorFailure(f"HTTP {err.code} {err.reason}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise MirrorFailure(f"unreachable ({reason})") from None
-        except (http.client.HTTPException, ValueError) as err:
-            # a malformed URL (`http://host:port-typo/`) or a reply that is not HTTP
+        except (http.client.HTTPException, ValueError) as err:  # a bad URL, a reply not HTTP
             raise MirrorFailure(f"bad URL or reply ({type(err).__name__}: {err})") from None
         length = response.headers.get("Content-Length")
         return response, int(length) if length and length.isdigit() else None
@@ -72,30 +65,15 @@ def _open_source(mirror: str, name: str) -> tuple[BinaryIO, int | None]:
     return path.open("rb"), path.stat().st_size
 
 
-class _Counted(io.RawIOBase):
-    """A stream whose every read is reported to `progress` (the progress bar)."""
-
-    def __init__(self, raw: BinaryIO, progress: Callable[[int], None]) -> None:
-        self._raw = raw
-        self._progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = self._raw.readinto(buffer) or 0
-        self._progress(n)
-        return n
-
-
 def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """A gzip stream's content (every member), chunk by chunk; a stream that is not gzip passes as
-    is. Refuses truncated or corrupt gzip and HTML error pages."""
-    stream = io.BufferedReader(_Counted(raw, progress), dataset.CHUNK)
-    head = stream.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
+    """A gzip stream's content (every member), chunk by chunk, or a plain stream as is; refuses
+    corrupt or truncated gzip and HTML error pages."""
+    buffered = io.BufferedReader(raw, dataset.CHUNK)
+    head = buffered.peek(dataset.CHUNK)  # a whole buffer: error pages may open with blanks
+    stream = CallbackIOWrapper(progress, buffered, "read")  # each read's length to the bar
     if not head:
         raise MirrorFailure("served an empty file")
-    if head[:2] != GZIP_MAGIC:
+    if head[:2] != b"\x1f\x8b":  # not gzip
         if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<":
             raise MirrorFailure("served an HTML page, not the data")
         yield from iter(lambda: stream.read(dataset.CHUNK), b"")
@@ -110,7 +88,6 @@ def _content(raw: BinaryIO, progress: Callable[[int], None]) -> Iterator[bytes]:
 
 
 def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
-    """Download `name` from `mirror` into `target`, atomically, or raise MirrorFailure."""
     try:
         stream, length = _open_source(mirror, name + ".gz")
         bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None)
@@ -130,8 +107,7 @@ def _fetch_one(mirror: str, name: str, expected_md5: str, target: Path) -> None:
             dataset.check_idx_file(tmp, name)
     except dataset.BadIdx as err:
         raise MirrorFailure(str(err)) from None
-    except (OSError, http.client.HTTPException) as err:
-        # HTTPException: IncompleteRead, a chunked reply cut off
+    except (OSError, http.client.HTTPException) as err:  # IncompleteRead: a chunked reply cut off
         raise MirrorFailure(f"read failed ({type(err).__name__}: {err})") from None
 
 

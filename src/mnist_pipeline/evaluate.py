@@ -1,8 +1,4 @@
-"""The evaluate stage: score a checkpoint on the 10,000 test images.
-
-Writes the DVC metrics and the predictions (DVC's confusion matrix), which `record.evaluation`
-turns into the MLflow record.
-"""
+"""The evaluate stage: score a checkpoint on the 10,000 test images."""
 
 from pathlib import Path
 

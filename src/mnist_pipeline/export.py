@@ -1,9 +1,6 @@
 """The export stage: a checkpoint's served form as ONNX and int8 ONNX.
 
-Writes exports/<variant>/ and metrics/export/<variant>.json (each form's size, the same on every
-host); what a host measures of the forms is `measure`'s. ONNX is imported inside the functions:
-`record.export` reads QUANTISATION, and only an export pays for ONNX.
-"""
+ONNX is imported inside: `record.export` reads QUANTISATION without it."""
 
 from __future__ import annotations
 
@@ -54,7 +51,6 @@ def export(variant: str, outputs: paths.Outputs) -> dict[str, int]:
 
 
 def _guarded(variant: str, what: str, step):
-    """One step of the export; a failure is one PipelineError line naming the variant."""
     try:
         return step()
     except PipelineError:
@@ -64,11 +60,9 @@ def _guarded(variant: str, what: str, step):
 
 
 def to_onnx(served: nn.Sequential, variant: str, checkpoint_md5: str, dynamo=False) -> bytes:
-    """The served model as serialised single-file ONNX, batch dimension dynamic.
-
-    The TorchScript-based exporter by default: 0.5 s against 2.7 s for the torch.export-based one
-    (`dynamo=True`; benchmarks/README.md), the same graph for these stock layers. Per-node debug
-    metadata and torch's build suffix are dropped: one checkpoint and torch give the same bytes."""
+    """The served model as single-file ONNX, batch dynamic. TorchScript's exporter by default:
+    0.5 s against 2.7 s for `dynamo=True` (benchmarks/README.md), the same graph. Debug metadata
+    and torch's build suffix are dropped: one checkpoint and torch give the same bytes."""
     import onnx
 
     args = (served, (torch.zeros(2, *INPUT_SHAPE),))
@@ -113,7 +107,6 @@ def check_onnx(served: nn.Sequential, fp32: bytes) -> None:
 
 
 def ort_runner(model: bytes):
-    """A function that runs a serialised ONNX model on a batch under ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -124,9 +117,8 @@ def ort_runner(model: bytes):
 
 
 def quantise(fp32: bytes) -> bytes:
-    """ONNX Runtime's dynamic quantisation: int8 weights (QUANTISATION), activations quantised per
-    batch at run time. It covers MatMul, not Gemm: each Gemm becomes MatMul + Add first, and the
-    pre-processing skips the optimisation that would fuse them back."""
+    """ONNX Runtime's dynamic quantisation (QUANTISATION). It covers MatMul, not Gemm: each
+    Gemm becomes MatMul + Add, and the pre-processing skips the optimisation that fuses them."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -141,8 +133,7 @@ def quantise(fp32: bytes) -> bytes:
 
 
 def _gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Gemm(x, W, b) with a constant W and plain attributes (alpha = beta = 1, transA = 0) as
-    MatMul(x, W or Wᵀ) + b: the same function, in the ops ORT's dynamic quantisation covers."""
+    """Gemm(x, W, b) with a constant W, alpha = beta = 1, transA = 0, as MatMul(x, W or Wᵀ) + b."""
     from onnx import helper, numpy_helper
 
     weights = {init.name: init for init in model.graph.initializer}

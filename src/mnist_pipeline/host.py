@@ -1,7 +1,4 @@
-"""What machine this is and which code it runs: host, CPU, GPU, library versions, git state.
-
-torch is imported inside the functions that describe a device: `sync`'s no-op path does without.
-"""
+"""What machine this is and which code it runs: host, CPU, GPU, library versions, git state."""
 
 import os
 import platform
@@ -11,13 +8,9 @@ from pathlib import Path
 
 HOST_ENV = "MNIST_PIPELINE_HOST"  # a label that tells hosts (or containers on one host) apart
 # The CPU flags (/proc/cpuinfo's) that decide the libraries' kernels: speed, and int8's rounding.
-ISA_FLAGS = {
-    "avx2": "avx2",
-    "avx512": "avx512f",
-    "vnni": "avx512_vnni",
-    "avx_vnni": "avx_vnni",
-    "amx": "amx_int8",
-}
+ISA_FLAGS = dict(
+    avx2="avx2", avx512="avx512f", vnni="avx512_vnni", avx_vnni="avx_vnni", amx="amx_int8"
+)
 # Settings that pin the libraries' CPU code paths (README "Reproducible bytes"), recorded when set.
 ISA_PINS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
@@ -46,7 +39,6 @@ def cpu_model() -> str:
 
 
 def cpu_tags() -> dict[str, str]:
-    """The CPU model, yes/no for each instruction set in ISA_FLAGS, and any pinned code path."""
     flags = set(_cpuinfo().get("flags", "").split())
     tags = {"cpu.model": cpu_model()}
     tags |= {f"cpu.{name}": "yes" if flag in flags else "no" for name, flag in ISA_FLAGS.items()}
@@ -57,25 +49,19 @@ def cpu_tags() -> dict[str, str]:
 
 def machine_tags(device=None) -> dict[str, str]:
     """The machine a run ran on (on a cluster: its node); with a `torch.device`, the device too."""
-    import torch
+    import torch  # here: `sync`'s no-op path does without torch
 
     tags = {"host": host_label(), "hostname": socket.gethostname(), **cpu_tags()}
     tags |= {"torch.version": torch.__version__, "cuda.version": torch.version.cuda or "none"}
     tags["platform"] = platform.platform()
     if device is not None:
-        tags |= {"device": device.type, "device.name": device_name(device)}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+        name = "Apple MPS" if device.type == "mps" else name
+        tags |= {"device": device.type, "device.name": name}
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             tags["device.compute_capability"] = f"{major}.{minor}"
     return tags
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "Apple MPS" if device.type == "mps" else cpu_model()
 
 
 def git_commit(root: Path) -> str:

@@ -1,8 +1,6 @@
 """The training loop, shared by the train stage and the search's trials.
 
-Each epoch is validated on a seeded split of the training set and reported. The data sits on the
-device and a batch is an index slice: no DataLoader collating every batch.
-"""
+The data sits on the device and a batch is an index slice: no DataLoader collating every batch."""
 
 import math
 import time
@@ -73,9 +71,8 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     """The recipe's optimizer, fused on CPU and CUDA (about 20% of a batch-32 step on CPU)."""
     device = next(model.parameters()).device.type
     fused = {"fused": True} if device in ("cpu", "cuda") else {}
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=recipe.lr, **fused)
-    return torch.optim.Adam(model.parameters(), lr=recipe.lr, **fused)
+    optimizer = torch.optim.SGD if recipe.optimizer == "sgd" else torch.optim.Adam
+    return optimizer(model.parameters(), lr=recipe.lr, **fused)
 
 
 def set_up(variant: str, recipe: Recipe, settings: TrainConfig, data: Dataset, device) -> SetUp:
@@ -122,8 +119,7 @@ def evaluate_split(model: nn.Sequential, data: Split) -> tuple[float, float]:
 
 
 def fit(setup: SetUp, *, recipe: Recipe, keep: str, on_epoch: OnEpoch, label: str) -> Fit:
-    """The epochs, each trained, validated and reported. Kept: with keep="best" and a validation
-    split, the first epoch to reach the best validation accuracy; otherwise the last."""
+    """The epochs; kept: the first best on validation (keep="best"), else the last."""
     model, train_data, val_data = setup.model, setup.train, setup.val
     history: list[dict[str, float]] = []
     best = None  # (validation accuracy, epoch, weights) of the first epoch to reach the best
@@ -160,6 +156,5 @@ def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _shown(row: dict[str, float]) -> str:
     figures = " ".join(f"{k} {row[k]:.4f}" for k in HISTORY_COLUMNS[1:] if k in row)
-    return (
-        f"{figures} ({row['time/epoch_seconds']:.2f}s, {row['time/samples_per_second']:.0f} img/s)"
-    )
+    seconds, speed = row["time/epoch_seconds"], row["time/samples_per_second"]
+    return f"{figures} ({seconds:.2f}s, {speed:.0f} img/s)"

@@ -1,15 +1,7 @@
 """What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
 
-<<<<<<< HEAD
-PyTorch on the device, ONNX and int8 under ONNX Runtime on the CPU: latency at batch 1, throughput
-at batch 256, and each ONNX form's test accuracy under this host's kernels, on the whole set and,
-for int8 (it scales activations by each batch's range), one image at a time. They belong to the
-host: MLflow only.
-=======
 PyTorch on the device, the ONNX forms on the CPU; their accuracy under this host's kernels, whole
-and one image at a time (int8 scales activations per batch). MLflow only.
->>>>>>> diet2
-"""
+and one image at a time (int8 scales activations per batch). MLflow only."""
 
 import statistics
 import time
@@ -32,8 +24,7 @@ Runner = Callable[[Any], Any]
 def measure(
     served: torch.nn.Module, onnx_models: dict[str, bytes], x, y, device, *, latency: bool = True
 ) -> dict:
-    """{form: figures} over test images `x` (float32, CPU) and labels `y` (numpy). One ONNX session
-    at a time: ONNX Runtime's threads spin a while after a call, slowing the next form's."""
+    """{form: figures}. One ONNX session at a time: ORT's threads spin on, slowing the next."""
     figures = {"torch": _timings(_torch_runner(served.to(device), device), x) if latency else {}}
     images = x.numpy()
     for form, model in onnx_models.items():

@@ -28,7 +28,6 @@ def per_class(cm: torch.Tensor):
 
 
 def classification_metrics(cm: torch.Tensor, loss: float) -> dict[str, float]:
-    """Accuracy, macro precision/recall/F1 and per-class accuracy, from the confusion matrix."""
     _, precision, recall, f1 = per_class(cm)
     metrics = {
         "test/loss": loss,

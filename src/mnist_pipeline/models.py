@@ -1,9 +1,7 @@
 """The model variants: a plain mapping from name to architecture, and one builder.
 
-Each model is an `nn.Sequential` of stock layers: a logged model unpickles without this package. A
-new variant: an entry in VARIANTS and a recipe in params.yaml. torch is imported inside the
-functions: `download` and `report` read VARIANTS and never load torch.
-"""
+Stock layers in an `nn.Sequential`: a logged model unpickles without this package. torch is
+imported inside the functions: `download` and `report` read VARIANTS without it."""
 
 from __future__ import annotations
 
@@ -101,8 +99,7 @@ def predict(model: nn.Sequential, x, y, chunk: int = 10_000):
 
 
 def inference_model(model: nn.Sequential) -> nn.Sequential:
-    """The served form of every variant: a CPU copy in eval mode, float32 images (N, 1, 28, 28) in
-    [0, 1] in, class probabilities (N, 10) out (dropout as identities, a Softmax head)."""
+    """The served form: a CPU copy in eval mode, dropout as identities, class probabilities out."""
     from torch import nn
 
     layers = [

@@ -38,15 +38,13 @@ def default_artifact_location(root: Path) -> str:
 
 
 def report_outputs(root: Path) -> tuple[Path, Path, Path]:
-    """The report's Markdown table, CSV table and chart."""
     folder = root / "reports"
     return folder / "results.md", folder / "results.csv", folder / "results.png"
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where one variant's stages write: the pipeline's DVC outputs, or a one-off's (a recipe other
-    than params.yaml's) together under one-off/<variant>/, out of DVC's sight."""
+    """Where a variant's stages write: the pipeline's DVC outputs, or one-off/<variant>/."""
 
     checkpoint: Path
     train_metrics: Path

@@ -1,8 +1,7 @@
 """Every chart the project draws: the evaluation's, the report's and compare's.
 
 matplotlib is imported (headless) when a chart is drawn, torch by the one chart that needs it:
-`report` must not load torch, nor `compare` matplotlib without --chart.
-"""
+`report` must not load torch, nor `compare` matplotlib without --chart."""
 
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-DPI = 110
-
 
 def _pyplot():
     import matplotlib
@@ -28,12 +25,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     _pyplot().close(fig)
 
 
 def confusion_matrix(cm: torch.Tensor, path: Path, title: str) -> None:
-    """The confusion matrix with its counts (rows: true class, columns: predicted)."""
     plt = _pyplot()
     counts = cm.numpy()
     fig, ax = plt.subplots(figsize=(6, 5.5))
@@ -80,9 +76,7 @@ def results(table: pd.DataFrame, path: Path, dataset: str) -> None:
     """Left: test accuracy against size, every variant labelled. Right: the variants ranked."""
     plt = _pyplot()
     accuracy = table["test_accuracy"] * 100
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.15, 1]}
-    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=[1.15, 1])
     left.scatter(table["params"], accuracy, zorder=3)
     from matplotlib.ticker import EngFormatter
 
@@ -138,8 +132,7 @@ def _spread(values: list[float], gap: float) -> list[float]:
 
 
 def comparison(table: pd.DataFrame, path: Path, experiment: str) -> None:
-    """Per variant, a colour per host · device: test accuracy and training throughput as bars,
-    each form's batch-1 latency as dots; the legend above the panels, covering no bar."""
+    """Per variant and host · device: accuracy and throughput bars, each form's latency dots."""
     plt = _pyplot()
     groups = list(table.columns.get_level_values(0).unique())
     variants = list(table.index)

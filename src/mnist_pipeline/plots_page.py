@@ -1,18 +1,12 @@
 """An HTML template for `dvc plots show` that renders without the internet.
 
-    python -m mnist_pipeline.plots_page .dvc/tmp/offline-plots.html   # `make setup` runs this
-
-DVC's own page loads vega from a CDN (blank offline); this one carries it inline, from
-`vl-convert-python`. DVC reads it through its `plots.html_template` setting.
-"""
+DVC's own page loads vega from a CDN; this one inlines it (`vl-convert-python`). `make setup`
+writes it (`python -m mnist_pipeline.plots_page OUT.html`) as DVC's `plots.html_template`."""
 
 import sys
 from pathlib import Path
 
 import vl_convert
-
-# DVC's chart specs declare Vega-Lite v5: bundle the newest v5 the package ships.
-VEGA_LITE_MAJOR = "5."
 
 PAGE = """<!DOCTYPE html>
 <html>
@@ -39,8 +33,8 @@ LIBS
 
 def template() -> str:
     """The page, with the libraries inline (a `</script` inside them would end the tag)."""
-    vega_lite = max(
-        (v for v in vl_convert.get_vegalite_versions() if v.startswith(VEGA_LITE_MAJOR)),
+    vega_lite = max(  # DVC's chart specs declare Vega-Lite v5: the newest v5 the package ships
+        (v for v in vl_convert.get_vegalite_versions() if v.startswith("5.")),
         key=lambda v: tuple(int(part) for part in v.split(".")),
     )
     libs = vl_convert.javascript_bundle(vl_version=vega_lite).replace("</script", "<\\/script")

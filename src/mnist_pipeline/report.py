@@ -11,8 +11,8 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import write_atomic, write_text_atomic
 
 
-def collect(params: Params, root: Path) -> pd.DataFrame:
-    """One row per variant in params.yaml: its recipe, size and metrics."""
+def report(params: Params, root: Path) -> tuple[Path, Path, Path]:
+    """One row per variant in params.yaml: its recipe, size and metrics; as Markdown, CSV, chart."""
     rows = []
     for variant, recipe in params.variants.items():
         outputs = paths.pipeline_outputs(root, variant)
@@ -30,11 +30,7 @@ def collect(params: Params, root: Path) -> pd.DataFrame:
         tested = ("test/accuracy", "test/loss", "test/f1_macro")
         row |= {k.replace("/", "_"): test[k] for k in tested}
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def report(params: Params, root: Path) -> tuple[Path, Path, Path]:
-    table = collect(params, root)
+    table = pd.DataFrame(rows)
     out = paths.report_outputs(root)
     markdown, csv, chart = out
     shown = table.copy()

@@ -1,8 +1,7 @@
 """Ctrl-C and SIGTERM during a training, acted on between two steps, never inside a library call.
 
 Raised inside MLflow's or SQLAlchemy's code with a lock held, it hung the run's clean-up: so the
-handler notes it for `check()`; a second one acts at once.
-"""
+handler notes it for `check()`; a second one acts at once."""
 
 import signal
 from collections.abc import Iterator

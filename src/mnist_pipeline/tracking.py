@@ -1,7 +1,6 @@
 """Where runs go and whether that store can be used: URI, experiment, checks, client.
 
-MLflow is imported inside the functions: `sync`'s no-op path runs without it.
-"""
+MLflow is imported inside the functions: `sync`'s no-op path runs without it."""
 
 import contextlib
 import functools
@@ -38,10 +37,9 @@ def experiment_name(dataset: str) -> str:
 def check_reachable(
     uri: str, *, writing: bool = True, experiment: str | None = None, root: Path | None = None
 ) -> None:
-    """Fail fast, before any work, if the tracking store cannot be used: a server that does not
-    answer, is not trusted, or refuses the credentials or the account (reading; with `writing`,
-    writing into `experiment`); a local SQLite store that cannot be opened. Under `dvc repro`,
-    says how to bring back the outputs DVC deleted (`root`: their project)."""
+    """Fail fast if the store cannot be used: a server that is down, untrusted or refuses the
+    account (reading; `writing` into `experiment`), a SQLite file that will not open. Under `dvc
+    repro`, it says how to bring back the outputs DVC deleted (`root`: their project)."""
     try:
         _check_store(uri, writing, experiment)
     except PipelineError as err:
@@ -119,9 +117,8 @@ def _ask(uri: str, creds, endpoint: str, method: str = "GET", **kwargs):
 
 
 def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
-    """Whether the account may write runs into MLFLOW_EXPERIMENT_ID's experiment, else into
-    `experiment`, or create that. Each probe is a write that changes nothing, refused (403) before
-    the request is read: deleting a missing experiment tag, creating an unnamed experiment."""
+    """May the account write runs into the experiment, or create it? Each probe changes nothing and
+    is refused (403) before it is read: deleting a missing tag, creating an unnamed experiment."""
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     where = f"experiment {experiment_id}" if experiment_id else f"experiment '{experiment}'"
     if not experiment_id:
@@ -146,8 +143,7 @@ def _check_writable(uri: str, ask, user: str, experiment: str) -> None:
 
 
 def _restore_hint(root: Path | None) -> str:
-    """The command that brings back the outputs DVC deleted before running a stage that then
-    stopped (`dvc checkout <stage>`, `git checkout` for what git keeps), or "" if none is gone."""
+    """How to bring back the outputs DVC deleted before a stage that then stopped, or ""."""
     stage = os.environ.get("DVC_STAGE")
     if not stage or root is None or not (root / "dvc.lock").is_file():
         return ""
@@ -172,8 +168,7 @@ def _restore_hint(root: Path | None) -> str:
 
 
 def _open_sqlite_store(uri: str) -> None:
-    """Open (the first time: create) a SQLite store, one process at a time: MLflow creates the
-    tables without a lock, and two jobs on a fresh store would race the schema migration."""
+    """Open a SQLite store one process at a time: MLflow's schema migration takes no lock."""
     import mlflow
     import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
@@ -197,8 +192,7 @@ def _open_sqlite_store(uri: str) -> None:
 
 
 def run_experiment_id(dataset: str, root: Path) -> str:
-    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it), else `experiment_name(dataset)`, created if
-    needed, on the local store with its artifacts in <root>/mlartifacts."""
+    """MLFLOW_EXPERIMENT_ID (`mlflow run` sets it), else `experiment_name`, made if needed."""
     import mlflow
 
     if found := os.environ.get("MLFLOW_EXPERIMENT_ID"):

@@ -1,8 +1,6 @@
 """The train stage: train one variant, write its checkpoint, history and training metrics.
 
-Only what the recipe and seed determine is written: the same recipe twice, the same bytes. The
-MLflow run around it (`commands.train`) gets each epoch through `on_epoch`.
-"""
+Only what the recipe and seed determine is written: the same recipe twice, the same bytes."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -31,13 +29,11 @@ class Job:
 
     @property
     def values(self) -> dict:
-        """The recipe and the training settings, as the run's parameters."""
         recipe, settings = self.params.recipe(self.variant), self.params.train
         return {**dataclasses.asdict(recipe), **dataclasses.asdict(settings)}
 
 
 def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) -> Job:
-    """Everything before the first epoch: the device, the data (checked), the seeded set-up."""
     device = resolve_device(params.train.device)
     data = load_dataset(root, params.data.dataset)
     setup = loop.set_up(variant, params.recipe(variant), params.train, data, device)
@@ -46,22 +42,15 @@ def prepare(params: Params, variant: str, root: Path, outputs: paths.Outputs) ->
 
 def run(job: Job, on_epoch: loop.OnEpoch) -> loop.Fit:
     """Train, keep the chosen epoch's weights, write the outputs (a signal before saves nothing)."""
-    recipe, settings = job.params.recipe(job.variant), job.params.train
+    recipe, settings, model = job.params.recipe(job.variant), job.params.train, job.setup.model
     fitted = loop.fit(
         job.setup, recipe=recipe, keep=settings.keep, on_epoch=on_epoch, label=job.variant
     )
     signals.check()  # the last point at which nothing has been saved
-    job.setup.model.load_state_dict(fitted.kept_state)
-    write_outputs(job, fitted)
-    return fitted
-
-
-def write_outputs(job: Job, fitted: loop.Fit) -> None:
-    model, outputs = job.setup.model, job.outputs
-    num_params = count_parameters(model)
-    extra = {"train": dataclasses.asdict(job.params.train), "dataset": job.data.name}
+    model.load_state_dict(fitted.kept_state)
+    outputs, num_params = job.outputs, count_parameters(model)
+    extra = {"train": dataclasses.asdict(settings), "dataset": job.data.name}
     extra |= {"data_checksum": job.data.checksum, "num_params": num_params}
-    recipe = job.params.recipe(job.variant)
     checkpoint.save(
         outputs.checkpoint, model, job.variant, recipe, **extra, epoch=fitted.kept_epoch
     )
@@ -74,3 +63,4 @@ def write_outputs(job: Job, fitted: loop.Fit) -> None:
     summary = {"params": num_params, "kept_epoch": fitted.kept_epoch}
     summary |= {k: round(final[k], 6) for k in columns[1:] if k in final}
     write_json_atomic(outputs.train_metrics, summary)
+    return fitted

@@ -1,8 +1,6 @@
 """A search's trial: one recipe trained with the project's loop in a Ray worker.
 
-Each epoch is reported to Tune and to the trial's MLflow run, a child of the search's. Ray is
-imported inside the functions, which run in a worker: `tune` imports this module before Ray starts.
-"""
+Ray is imported inside the functions (run in a worker): `tune` imports this before Ray starts."""
 
 import dataclasses
 import hashlib
@@ -55,7 +53,6 @@ def tensor_digest(data: Dataset) -> str:
 
 
 def run_trial(config: dict[str, Any], data: Dataset, job: TrialJob) -> None:
-    """One recipe, trained with the project's loop; each epoch reported to Tune and MLflow."""
     import ray
     from ray import tune as ray_tune
 

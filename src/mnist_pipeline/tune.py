@@ -1,9 +1,7 @@
 """The search: a variant's recipe searched on Ray Tune, a parent run with a child run per trial.
 
-Optuna's TPE proposes recipes from params.yaml's `tune:` space; ASHA stops a trial whose
-validation accuracy falls behind. A trial writes no DVC output. Ray is imported inside the
-functions: the flags and params.yaml are checked before the seconds it takes to load.
-"""
+Optuna's TPE proposes recipes from the `tune:` space, ASHA stops the trials that fall behind; a
+trial writes no DVC output. Ray is imported inside: the flags and params.yaml are checked first."""
 
 import contextlib
 import dataclasses
@@ -34,8 +32,6 @@ from mnist_pipeline.trial import (
     tensor_digest,
 )
 
-REDUCTION_FACTOR = 2  # ASHA keeps the better half at each rung (epochs 1, 2, 4, ...)
-
 
 @dataclass(frozen=True)
 class TuneOptions:
@@ -50,19 +46,18 @@ class TuneOptions:
     seed: int | None = None  # Optuna's sampler; default train.seed
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    run_id: str
-    best_recipe: Recipe
-    best_accuracy: float
-
-
-def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> SearchResult:
-    """Search `variant`'s recipe; interrupted, the runs end KILLED, the best so far recorded."""
+def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Recipe:
+    """The best recipe for `variant`; interrupted, the runs end KILLED, the best so far recorded."""
     space = params.search_space(variant)
     store = runs.open_store(root, params.data.dataset)  # fails fast: before any work
     address = options.address or os.environ.get("RAY_ADDRESS") or None
-    _check_store_for_cluster(store.uri, address)
+    # On a cluster, every node logs to the store: a file on this machine is not one it can.
+    if address and address != "local" and store.uri.split(":", 1)[0] in ("sqlite", "file", ""):
+        raise PipelineError(
+            f"the tracking store {store.uri} is a file on this machine, which the cluster's other "
+            "nodes cannot write to; set MLFLOW_TRACKING_URI to a tracking server all nodes "
+            "reach (docs/tune.md)"
+        )
     data = load_dataset(root, params.data.dataset)
     split = {"val_size": params.train.val_size, "seed": params.train.seed}
     inputs = runs.training_inputs(params.data, data.checksum, **split)
@@ -76,28 +71,17 @@ def tune(params: Params, variant: str, root: Path, options: TuneOptions) -> Sear
             return _conclude(grid, job, outcomes.counts)
         interrupted = ("interrupted", "KILLED")
         record.end_running_trials(store.experiment_id, parent.info.run_id, interrupted)
-        result = None
+        best = None
         with contextlib.suppress(PipelineError):
-            result = _conclude(grid, job, outcomes.counts)
+            best = _conclude(grid, job, outcomes.counts)
         raise runs.EndRun("KILLED")
-    done = f"; the best so far: MLflow run {result.run_id}" if result else ""
+    done = f"; the best so far: MLflow run {parent.info.run_id}" if best else ""
     raise PipelineError(f"interrupted after {_counted(outcomes.counts)}{done}", 130)
-
-
-def _check_store_for_cluster(uri: str, address: str | None) -> None:
-    """On a cluster, every node logs to the store: a file on this machine is not one it can."""
-    if address and address != "local" and uri.split(":", 1)[0] in ("sqlite", "file", ""):
-        raise PipelineError(
-            f"the tracking store {uri} is a file on this machine, which the cluster's other "
-            "nodes cannot write to; set MLFLOW_TRACKING_URI to a tracking server all nodes "
-            "reach (docs/tune.md)"
-        )
 
 
 @contextlib.contextmanager
 def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
-    """Join the cluster at `address`, else start Ray here; leave or stop it at the end. Every
-    worker gets the tracking URI: one on another node has no project holding the store."""
+    """Join the cluster at `address`, else start Ray here; every worker gets the store's URI."""
     import ray
 
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
@@ -115,8 +99,8 @@ def _ray(address: str | None, tracking_uri: str) -> Iterator[None]:
 
 
 def _asha(space: SearchSpace) -> dict[str, int]:
-    """ASHA's settings (its time unit: one reported epoch)."""
-    return {"grace_period": 1, "reduction_factor": REDUCTION_FACTOR, "max_t": max(space.epochs)}
+    """ASHA's settings (time unit: one reported epoch), keeping the better half at each rung."""
+    return {"grace_period": 1, "reduction_factor": 2, "max_t": max(space.epochs)}
 
 
 def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[str, str]:
@@ -139,7 +123,6 @@ def _describe(space: SearchSpace, options: TuneOptions, variant: str) -> dict[st
 def _tuner(
     job: TrialJob, data: Dataset, space: SearchSpace, options: TuneOptions, root: Path, outcomes
 ):
-    """Tune's Tuner: TPE behind a concurrency limit, ASHA, retries, the best checkpoint kept."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -185,8 +168,7 @@ def _tuner(
 
 
 def _trial_outcomes(experiment_id: str):
-    """A Tune callback on the driver, counting what became of each trial. A trial that ASHA
-    stopped, or whose node died, never ends its own MLflow run: it is ended here."""
+    """Counts trials' outcomes; ends the run of one that ASHA stopped or whose node died."""
     from ray import tune as ray_tune
 
     class Outcomes(ray_tune.Callback):
@@ -218,7 +200,7 @@ def _trial_outcomes(experiment_id: str):
     return Outcomes()
 
 
-def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
+def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> Recipe:
     """The best trial's recipe and accuracy on the parent run, its kept weights a logged model."""
     parent_run_id = job.parent_run_id
     best = _best_trial(grid)
@@ -246,7 +228,7 @@ def _conclude(grid, job: TrialJob, counts: dict[str, int]) -> SearchResult:
         f"batch size {recipe.batch_size}, {recipe.epochs} epochs ({_counted(counts)}; "
         f"MLflow run {parent_run_id})"
     )
-    return SearchResult(run_id=parent_run_id, best_recipe=recipe, best_accuracy=accuracy)
+    return recipe
 
 
 def _best_trial(grid):

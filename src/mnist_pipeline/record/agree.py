@@ -1,13 +1,7 @@
 """Agreement, rebuild and sync: the store made a faithful view of the pipeline's outputs.
 
-`mnist-pipeline sync`, the last stage of `dvc repro`: every finished run of a checkpoint's bytes
-gets the evaluation read back from the outputs, this host's runs what this host measured; a
-checkpoint no run trained gets a run rebuilt. Each part tags the run with its outputs' digest, so
-it is recorded once. A no-op compares the outputs' fingerprint with this host's last, without
-MLflow: the recording modules (MLflow, torch) are imported inside the functions, when there is work.
-"""
-
-from __future__ import annotations
+Each part tags a run with its outputs' digest: recorded once. A no-op `sync` compares the outputs'
+fingerprint with this host's last without loading MLflow or torch (imported when there is work)."""
 
 import contextlib
 import functools
@@ -17,15 +11,12 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from mnist_pipeline import host, paths, tracking
+from mnist_pipeline.config import Params
 from mnist_pipeline.dataset import FILES, file_md5, read_idx
 from mnist_pipeline.models import count_parameters
-
-if TYPE_CHECKING:
-    from mnist_pipeline.config import Params
 
 RECEIPT_TAG = "mnist_pipeline.synced"  # on the experiment, per host: the outputs last agreed
 LATENCY_ENV = "MNIST_PIPELINE_LATENCY"  # "off": measure the forms' accuracy only, not their speed
@@ -44,8 +35,6 @@ def evaluation_digest(outputs: paths.Outputs) -> str | None:
 
 def measured_digest(outputs: paths.Outputs) -> str | None:
     """A run's `record.measured` tag once its host measured the current exports (and setting)."""
-    if outputs.export_dir is None:
-        return None
     found = outputs_digest(outputs.export_metrics, outputs.onnx, outputs.int8)
     return None if found is None else found + ("" if latency_on() else ":accuracy-only")
 
@@ -54,7 +43,7 @@ def latency_on() -> bool:
     return os.environ.get(LATENCY_ENV, "on").lower() not in ("off", "0", "no", "false")
 
 
-def agree(store, training, test=None) -> list[str]:
+def agree(store, training) -> list[str]:
     """Make the store hold complete runs for `training`'s checkpoint; what was done."""
     from mnist_pipeline.record import evaluation, export
     from mnist_pipeline.record.training import CHECKPOINT_TAG
@@ -78,7 +67,7 @@ def agree(store, training, test=None) -> list[str]:
     mine = [r for r in mine if CHECKPOINT_TAG in r.data.tags]
     mine = [r for r in mine if r.data.tags.get(export.MEASURED_TAG) != wanted]
     if mine:
-        measured = export.measure(training, (test or _test_set(store))())
+        measured = export.measure(training, _test_set(store.root, store.dataset))
         for run in mine:
             line = export.record_export(store, client.get_run(run.info.run_id), training, measured)
             done.append(f"{run.info.run_name}: {line}")
@@ -105,20 +94,16 @@ def training_runs(experiment_id: str, checkpoint_md5: str) -> list:
     return sorted(runs, key=lambda run: run.data.tags.get("host") != host.host_label())
 
 
-def _test_set(store):
-    """A loader of the test images and labels, run at most once."""
+@functools.cache
+def _test_set(root: Path, dataset: str):
+    """The test images (float32, CPU) and labels (numpy), read once a process."""
+    import torch
 
-    @functools.cache
-    def load():
-        import torch
+    from mnist_pipeline.device import as_float
 
-        from mnist_pipeline.device import as_float
-
-        folder = paths.data_dir(store.root, store.dataset)
-        x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
-        return x, read_idx(folder / FILES[3]).long().numpy()
-
-    return load
+    folder = paths.data_dir(root, dataset)
+    x = as_float(read_idx(folder / FILES[2]), torch.device("cpu"))
+    return x, read_idx(folder / FILES[3]).long().numpy()
 
 
 def sync(params: Params, root: Path, *, verify: bool = False) -> int:
@@ -135,9 +120,9 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
     from mnist_pipeline.record.training import Training
 
     store = open_store(root, params.data.dataset)
-    changed, test = 0, _test_set(store)
+    changed = 0
     for variant, found in outputs.items():
-        done = agree(store, Training(variant, found, params.data), test)
+        done = agree(store, Training(variant, found, params.data))
         changed += bool(done)
         for line in done:
             print(f"{variant}: {line}")
@@ -147,8 +132,7 @@ def sync(params: Params, root: Path, *, verify: bool = False) -> int:
 
 
 def _leave_receipt(experiment_id: str, fingerprint: str) -> None:
-    """Two syncs at once on one host (a queued sweep's tasks) may both insert the receipt; the one
-    refused for a duplicate key tries again, and updates it."""
+    """Two syncs on one host may both insert the receipt: the one refused tries again."""
     from mlflow.exceptions import MlflowException
 
     for attempt in (1, 2):
@@ -173,8 +157,7 @@ def _fingerprint(outputs: dict[str, paths.Outputs], experiment: str) -> str:
 
 
 def _receipt(uri: str, experiment: str) -> str | None:
-    """The fingerprint this host's last sync left, read from a local SQLite store without MLflow
-    (seconds to import); None elsewhere or when anything is unexpected."""
+    """This host's last fingerprint from a local SQLite store, without MLflow (slow to import)."""
     if not uri.startswith("sqlite:///") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
     path = Path(unquote(uri[len("sqlite:///") :]))

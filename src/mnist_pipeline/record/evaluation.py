@@ -1,9 +1,4 @@
-"""The evaluation record and the registry.
-
-From the evaluate stage's outputs: a run's test metrics, confusion matrix, per-class table and
-misclassified examples; the checkpoint as a version of `<dataset>-<variant>`, whose alias
-`champion` moves only to a better model.
-"""
+"""The evaluation record and the registry."""
 
 import contextlib
 import io
@@ -72,8 +67,7 @@ def logged_model_id(run, form: str | None = "torch") -> str | None:
 
 
 def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
-    """The checkpoint's version of `<dataset>-<variant>` (one per checkpoint bytes), and the
-    champion alias if it beats the current one (under `dvc exp run`, never the first); a line."""
+    """The checkpoint bytes' version of `<dataset>-<variant>`, and the champion; a line."""
     tags = run.data.tags
     name = f"{dataset}-{tags['variant']}"
     version = _version(client, name, model_id, tags)
@@ -89,8 +83,7 @@ def register(client, run, model_id: str, dataset: str, accuracy: float) -> str:
     for key, value in values.items():
         if version.tags.get(key) != value:
             client.set_model_version_tag(name, version.version, key, value)
-    description = _description(tags, accuracy, hosts)
-    client.update_model_version(name, version.version, description=description)
+    client.update_model_version(name, version.version, _description(tags, accuracy, hosts))
     champion = _promote(client, name, version, accuracy, tags)
     return f"registered {name} version {version.version} ({champion})"
 
@@ -100,7 +93,7 @@ def _joined(listed: str | None, one: str) -> list[str]:
 
 
 def _promote(client, name: str, version, accuracy: float, tags: dict) -> str:
-    """Move the champion alias to `version` if it beats the champion; say where it is."""
+    """Move the champion alias to a better `version` (the first: not in `dvc exp run`)."""
     experiment = tags.get(runs.EXP_NAME_TAG)
     # Two hosts evaluating at once race to set the alias: the loser looks at the champion again.
     for attempt in range(3):

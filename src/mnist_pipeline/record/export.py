@@ -1,9 +1,7 @@
 """The export record: this host's figures of the three forms, and the ONNX forms as child runs.
 
-The training run holds the PyTorch form's figures under the shared names (`test/accuracy`) and the
-others' under their own (`int8/test/accuracy`); each ONNX form's child run holds its own under the
-shared names, so the Models tab lines the forms up. ONNX is imported inside the functions.
-"""
+The training run holds torch's figures under SHARED_NAMES and the others' prefixed (`int8/...`);
+a form's child run holds its own under SHARED_NAMES, so the Models tab lines the forms up."""
 
 import json
 

@@ -52,10 +52,8 @@ def set_outcome(run_id: str, outcome: str, note: str = "") -> None:
 def end_trial_run(experiment_id: str, trial_id: str, how: tuple[str, str]) -> str:
     """End trial `trial_id`'s RUNNING runs with `how` = (outcome, status); its latest outcome."""
     client = tracking.client()
-    newest = ["attributes.start_time DESC"]
-    found = client.search_runs(
-        [experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}'", order_by=newest
-    )
+    trial = f"tags.`{TRIAL_TAG}` = '{trial_id}'"
+    found = client.search_runs([experiment_id], trial, order_by=["attributes.start_time DESC"])
     for run in found:
         outcome = run.data.tags.get(OUTCOME_TAG)
         if outcome is None:

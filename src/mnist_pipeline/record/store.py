@@ -1,7 +1,5 @@
 """The store and the run lifecycle: experiment, a run's start and end, tags, dataset inputs."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import hashlib
@@ -10,7 +8,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -20,9 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mnist_pipeline import host, tracking
-
-if TYPE_CHECKING:
-    from mnist_pipeline.config import DataConfig
+from mnist_pipeline.config import DataConfig
 
 NOTE_TAG = "mlflow.note.content"  # the UI's "Description" of a run or an experiment
 RUN_KIND_TAG = "run.kind"  # pipeline | one-off | form | search | trial
@@ -93,7 +88,6 @@ def shared_tags(store: Store, *, variant: str, kind: str) -> dict[str, str]:
 
 
 def describe_run(tags: dict, recipe: dict, checksum: str) -> str:
-    """The run's description (Markdown) from its tags, recipe and data checksum."""
     shown = ", ".join(f"{k} {v}" for k, v in recipe.items())
     text = (
         f"**{tags['variant']}** on host `{tags['host']}` ({tags.get('device', 'unknown')}).\n\n"
@@ -119,8 +113,7 @@ class EndRun(Exception):
 
 @contextlib.contextmanager
 def started_run(experiment_id, *, name: str, tags: dict, system_metrics=False, parent_run_id=None):
-    """A new run, a child of `parent_run_id` or of `mlflow run`'s, ended FINISHED, FAILED on an
-    error, KILLED on Ctrl-C or SIGTERM. A store that fails at the end is only a warning."""
+    """A run (a child of `parent_run_id` or `mlflow run`'s) ended FINISHED, FAILED or KILLED."""
     if system_metrics:
         if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
             # MLflow's 10 s default leaves a short run without a curve; 1 s costs nothing visible.
@@ -150,8 +143,7 @@ def started_run(experiment_id, *, name: str, tags: dict, system_metrics=False, p
 
 
 def datasets(data: DataConfig, checksum: str, *, val_size: int, seed: int) -> dict:
-    """The data as MLflow dataset inputs by context, their digests from the content checksum (the
-    same on any host), their source the first public mirror."""
+    """Dataset inputs by context, digests from the content checksum (alike on any host)."""
     dataset = data.dataset
     mirrors = [m for m in data.dataset_mirrors if m.startswith(("http://", "https://"))]
     source = HTTPDatasetSource(mirrors[0] if mirrors else f"https://{dataset}.invalid/")
@@ -176,8 +168,7 @@ _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed"
 
 
 def log_datasets(run_id: str, found: dict, client=None) -> None:
-    """Log dataset inputs {context: dataset} to a run. Two hosts logging new data at once race in
-    MLflow's store and the second insert breaks the unique key: trying again links the other's."""
+    """Log {context: dataset}; two hosts inserting new data at once break a key: retried."""
     inputs = [
         DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, ds in found.items()

@@ -1,10 +1,4 @@
-"""The training record: the live run around a training, and its record from the outputs.
-
-The live run gets the recipe, data, epochs, system metrics and timings; then from the outputs the
-summary, the logged model, and last the checkpoint's MD5, which marks the record complete.
-"""
-
-from __future__ import annotations
+"""The training record: the live run around a training, and its record from the outputs."""
 
 import contextlib
 import csv
@@ -14,8 +8,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from unittest import mock
 
 import mlflow
@@ -26,27 +19,22 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from mnist_pipeline import checkpoint, host, paths, tracking
+from mnist_pipeline.config import DataConfig
 from mnist_pipeline.dataset import file_md5
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.models import INPUT_SHAPE, NUM_CLASSES, inference_model, summary_text
 from mnist_pipeline.record import store as runs
 
-if TYPE_CHECKING:
-    from mnist_pipeline.config import DataConfig
-
 CHECKPOINT_TAG = "checkpoint.md5"  # set last: the training record is complete
 FORM_TAG = "export.form"  # a logged model's form: torch, onnx or int8
 
 
-def rounded(value: float) -> float:
-    """Six decimals (the DVC metrics files'), whole numbers from 1,000 up: as the UI shows them."""
-    return float(round(value)) if abs(value) >= 1000 else round(value, 6)
-
-
 def as_metrics(figures: dict[str, float], step: int = 0, **link: str | None) -> list[Metric]:
-    """`figures`, rounded, as MLflow metrics at `step`; `link`: model_id, dataset_name/_digest."""
+    """`figures` as MLflow metrics at `step` (`link`: model_id, dataset_name/_digest), rounded as
+    the UI shows them: six decimals (the DVC metrics files'), whole numbers from 1,000 up."""
     now = int(time.time() * 1000)
-    return [Metric(k, rounded(v), now, step, **link) for k, v in figures.items()]
+    shown = {k: float(round(v)) if abs(v) >= 1000 else round(v, 6) for k, v in figures.items()}
+    return [Metric(k, v, now, step, **link) for k, v in shown.items()]
 
 
 @dataclass(frozen=True)
@@ -99,7 +87,6 @@ class EpochLogger:
 
 
 def log_recipe(run_id: str, variant: str, data: DataConfig, recipe: dict, checksum: str, extra):
-    """The recipe with the training settings (and `extra`) as params, the data as dataset inputs."""
     values = {"variant": variant, **recipe, **extra}
     tracking.client().log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     split = {"val_size": recipe.get("val_size", 0), "seed": recipe.get("seed", 0)}
@@ -140,10 +127,12 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
     kept_epoch = meta.get("epoch")
     client = tracking.client()
     client.log_text(run_id, summary_text(model), "model_summary.txt")
-    if not live:
+    if not live and training.outputs.history.is_file():
         history = EpochLogger(run_id)
-        for epoch, row in read_history(training.outputs.history).items():
-            history(row, epoch)
+        with training.outputs.history.open(newline="") as f:
+            for row in csv.DictReader(f):  # plots/train/<variant>.csv
+                epoch = int(row.pop("epoch"))
+                history({k: float(v) for k, v in row.items() if v}, epoch)
         if history.error is not None:
             raise PipelineError(
                 f"{training.variant}: could not record the history ({history.error})"
@@ -156,15 +145,6 @@ def record_training(run_id: str, training: Training, *, live: bool = False) -> s
     return model_id
 
 
-def read_history(path: Path) -> dict[int, dict[str, float]]:
-    """A history CSV's rows (plots/train/<variant>.csv): epoch -> metrics."""
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {int(row.pop("epoch")): {k: float(v) for k, v in row.items() if v} for row in rows}
-
-
 def model_name(run, form: str) -> str:
     """`ffn1_relu-int8@gpu-box-1a2b3c4d`: no two logged models share a name in the Models tab."""
     tags = run.data.tags
@@ -172,18 +152,9 @@ def model_name(run, form: str) -> str:
     return f"{variant}-{form}@{tags.get('host', 'unknown')}-{run.info.run_id[:8]}"
 
 
-def signature() -> ModelSignature:
-    """float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
-
-
 def log_model(run, model, form: str, params: dict, named_after=None) -> str:
-    """Log `model` (torch: logged in its served form; onnx, int8: an ONNX model) as a logged model
-    of `run`, named after `named_after` or `run`; its id. Best called with no run active: MLflow
-    links every unlinked metric of the active run to the model."""
+    """Log `model` (torch: its served form; onnx, int8: ONNX) as `run`'s logged model; its id.
+    Best with no run active: MLflow links every unlinked metric of the active run to the model."""
     name = model_name(named_after or run, form)
     source = {"source_run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     logged = mlflow.initialize_logged_model(
@@ -193,7 +164,11 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
         model_type="pytorch" if form == "torch" else "onnx",
         **source,
     )
-    common = {"name": name, "model_id": logged.model_id, "signature": signature()}
+    # float32 images in, probabilities out; unnamed tensors: the flavour serves a plain array
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *INPUT_SHAPE))])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))])
+    signature = ModelSignature(inputs, outputs)
+    common = {"name": name, "model_id": logged.model_id, "signature": signature}
     common["input_example"] = np.zeros((2, *INPUT_SHAPE), dtype=np.float32)
     with _requirements_known():
         _log_form(model, form, common)
@@ -205,11 +180,8 @@ def log_model(run, model, form: str, params: dict, named_after=None) -> str:
 
 @contextlib.contextmanager
 def _requirements_known():
-    """MLflow checks a model's pip requirements against this environment, when it writes the
-    model and when it loads it back to check the input example serves, by mapping every installed
-    distribution's files to modules (about a second a process). Ours are the versions read from
-    this environment, so the check cannot warn: it is skipped where MLflow 3 keeps it, and runs
-    wherever a newer MLflow moved it."""
+    """Skip MLflow's check of the pip requirements against this environment (1 s a process):
+    they are this environment's versions. Where a newer MLflow moved the check, it runs."""
     name = "warn_dependency_requirement_mismatches"
     with contextlib.ExitStack() as stack:
         for module in map(importlib.import_module, ("mlflow.utils.environment", "mlflow.pyfunc")):
@@ -223,8 +195,7 @@ def _log_form(model, form: str, common: dict) -> None:
     if form == "torch":
         from mlflow import pytorch as flavour
 
-        # Stated: inferring requirements loads the model in a fresh environment (seconds).
-        needs = [f"torch=={torch.__version__.split('+')[0]}"]
+        needs = [f"torch=={torch.__version__.split('+')[0]}"]  # inferring them takes seconds
         flavour.log_model(inference_model(model), pip_requirements=needs, **common)
     else:
         import onnx
@@ -239,17 +210,3 @@ def _log_form(model, form: str, common: dict) -> None:
             onnx_execution_providers=["CPUExecutionProvider"],
             **common,
         )
-
-
-@dataclass
-class Live:
-    run: Any
-    log_epoch: EpochLogger
-
-
-@contextlib.contextmanager
-def live_run(store: runs.Store, training: Training, *, recipe: dict, checksum: str, device, extra):
-    """The run around a training on `device`, its recipe and data logged first."""
-    with new_run(store, training, recipe=recipe, checksum=checksum, device=device) as run:
-        log_recipe(run.info.run_id, training.variant, training.data, recipe, checksum, extra)
-        yield Live(run, EpochLogger(run.info.run_id))
