@@ -1,7 +1,7 @@
 """What a host measures of a checkpoint's three forms: latency, throughput, ONNX accuracy.
 
-PyTorch on the device, the ONNX forms on the CPU; their accuracy under this host's kernels, whole
-and one image at a time (int8 scales activations per batch). MLflow only."""
+PyTorch on the device, the ONNX forms on the CPU; their accuracy under this host's kernels, and
+int8's one image at a time too (it scales activations per batch). MLflow only."""
 
 import statistics
 import time
