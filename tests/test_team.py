@@ -793,7 +793,9 @@ def test_each_experiment_of_the_sweep_has_a_run_of_its_own_on_the_server(team, s
 
 
 def test_the_sweeps_runs_arrive_complete(team, sweep, as_client):
-    for run_ in runs_of(team, "team-sweep"):
+    runs = runs_of(team, "team-sweep")
+    assert len(runs) == len(sweep_lrs())  # the loop below asserts nothing on an empty list
+    for run_ in runs:
         assert_complete(team, run_, "ffn1_relu")
 
 
