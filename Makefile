@@ -56,10 +56,11 @@ test-tools: ## install the Debian programs the tests run, where missing
 pipeline: $(STAMP) ## run the whole pipeline: download, train and evaluate every variant, report
 	$(BIN)/dvc repro
 
-test: $(STAMP) test-tools ## Ruff (lint + format check) and the default test run
+test: $(STAMP) test-tools ## Ruff (lint + format check), the default test run, then the team set-up's
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+	$(BIN)/pytest -m team
 
 test-slow: $(STAMP) ## the slow tests too (full data: set MNIST_MIRROR)
 	$(BIN)/pytest -m "slow or not slow"

@@ -103,6 +103,8 @@ from tests.team_servers import (
     s3_server,
 )
 
+pytestmark = pytest.mark.team  # about 3 minutes: `make test` runs it after the default run
+
 # docs/team.md's bash blocks, in the page's order, by the names this module runs them by.
 PAGE = {
     "database": "the database host, as its postgres user",
