@@ -286,6 +286,33 @@ def test_a_store_that_agrees_gets_nothing_more(pipeline, retrained):
     assert store_counts(retrained.store) == before
 
 
+def test_a_second_host_with_the_same_bytes_gets_a_complete_run_and_no_second_version(
+    pipeline, retrained
+):
+    """Another host label retrains RETRAINED into the pipeline's own store and writes the same
+    bytes, so DVC skips evaluate and export: `sync` still gives that host's run the evaluation
+    and this host's own measurements, and the one registered version names both hosts."""
+    repo, env, _ = pipeline
+    other = env | {"MNIST_PIPELINE_HOST": "second-host"}
+    forced = sh([DVC, "repro", "-f", f"train@{RETRAINED}"], repo, other)
+    assert not [s for s in ran_stages(forced) if s.startswith(("evaluate", "export"))]
+    assert ran_stages(sh([DVC, "repro"], repo, other)) == ["sync"]
+    written = json.loads((repo / "metrics" / "test" / f"{RETRAINED}.json").read_text())
+    md5 = runs_where(repo, f"tags.variant = '{RETRAINED}' and tags.host = 'second-host'")[0]
+    md5 = md5.data.tags["checkpoint.md5"]
+    runs = runs_where(repo, f"tags.`checkpoint.md5` = '{md5}' and tags.`run.kind` = 'pipeline'")
+    assert sorted(r.data.tags["host"] for r in runs) == ["pipeline-test", "second-host"]
+    client = mlflow.MlflowClient()
+    for run in runs:
+        assert {k: run.data.metrics[k] for k in written} == written
+        assert {"inference/latency_b1_ms", "int8/test/accuracy"} <= set(run.data.metrics)
+        assert "evaluation/confusion_matrix.png" in {
+            a.path for a in client.list_artifacts(run.info.run_id, "evaluation")
+        }
+    (version,) = client.search_model_versions(f"name = 'mnist-{RETRAINED}'")
+    assert version.tags["hosts"] == "pipeline-test,second-host"
+
+
 def runs_where(repo: Path, where: str) -> list:
     """The runs in the repository's own store that `where` (an MLflow filter) picks."""
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
