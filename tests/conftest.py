@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from mnist_pipeline.dataset import FILES, file_md5
 from tests.helpers import gzip_file, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+# Every command a test starts runs in a process of its own: a warm process (mnist_pipeline.warm)
+# would outlive the test that started it. tests/test_warm.py turns it on, and ends it.
+os.environ["MNIST_PIPELINE_WARM"] = "off"
 N_TRAIN, N_TEST = 600, 200
 
 

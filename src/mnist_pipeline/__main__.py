@@ -1,3 +1,3 @@
-from mnist_pipeline.cli import entry
+from mnist_pipeline.warm import entry
 
 entry()
