@@ -48,7 +48,7 @@ def shim(folder: Path, log: Path, profile: bool) -> dict[str, str]:
     profiler = REPO / "benchmarks" / "stage_profile.py"
     script.write_text(
         "#!/bin/sh\n"
-        f"BENCH_T0=$(date +%s.%N) exec {shlex.quote(sys.executable)} {shlex.quote(str(profiler))}"
+        f"exec {shlex.quote(sys.executable)} {shlex.quote(str(profiler))} --t0 $(date +%s.%N)"
         f' --log {shlex.quote(str(log))}{"" if profile else " --plain"} -- "$@"\n'
     )
     script.chmod(0o755)

@@ -14,9 +14,13 @@ split into
   `logged_model.py`), outside imports and the store;
 - `work`: the rest: what the stage is for (loading data, training, scoring, exporting, ...).
 
+The profile runs the command in this process; `--plain` runs it as the `mnist-pipeline` script
+does, in a fork of the warm process where one is ready (`mnist_pipeline.warm`), and logs its wall
+time alone.
+
 The split is by module and function names that both the code before and after issue 30 use, so
 one script measures both. `bench_loops.py` puts this script on DVC's PATH as `mnist-pipeline`
-(`BENCH_T0`, set by that shim just before Python starts, is the process's start). The profiler
+(`--t0`, the time that shim read just before Python starts, is the process's start). The profiler
 slows what it samples (imports most): quote the walls of a `--plain` run, and read the
 split of a profiled one as proportions.
 """
@@ -66,16 +70,44 @@ def split(root) -> dict[str, float]:
     return totals
 
 
+def plain(args: list[str]) -> int:
+    """The command's exit code, run as the `mnist-pipeline` script runs it (a commit without the
+    warm process: in this process)."""
+    try:
+        from mnist_pipeline.warm import delegate
+    except ImportError:
+        delegate = None
+    code = delegate(args) if delegate else None
+    if code is None:
+        from mnist_pipeline.cli import main as pipeline_main
+
+        code = pipeline_main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def log_line(log: Path, args: list[str], code: int, wall: float, parts: dict) -> None:
+    line = {"args": args, "exit": code, "wall": round(wall, 3), "parts": parts}
+    with log.open("a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", type=Path, required=True, help="JSON lines, appended")
     parser.add_argument(
         "--plain", action="store_true", help="no profiler: the wall time alone, undisturbed"
     )
+    parser.add_argument("--t0", type=float, help="the process's start (default: now)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then mnist-pipeline's args")
     options = parser.parse_args()
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
-    t0 = float(os.environ.get("BENCH_T0") or time.time())
+    t0 = options.t0 or time.time()
+    if options.plain:  # as `mnist-pipeline` runs it: in a fork of the warm process where it can
+        code = plain(args)
+        log_line(options.log, args, code, time.time() - t0, {})
+        os._exit(code)
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.01)
@@ -88,9 +120,7 @@ def main() -> int:
     parts = split(session.root_frame()) if session.root_frame() else {}
     parts = {k: round(v, 3) for k, v in parts.items()}
     parts["python"] = round(max(wall - sum(parts.values()), 0.0), 3)
-    line = {"args": args, "exit": code, "wall": round(wall, 3), "parts": parts}
-    with options.log.open("a") as log:
-        log.write(json.dumps(line) + "\n")
+    log_line(options.log, args, code, wall, parts)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # as `mnist-pipeline` does: no interpreter teardown
