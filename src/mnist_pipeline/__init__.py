@@ -12,7 +12,8 @@ records it. Nothing happens at import time. The modules, in the order the data f
 
 Below them: `config` (params.yaml, typed) and `params_file` (`tune --apply`'s edit of it),
 `paths`, `device`, `fileio`, `signals`, `errors`. Above them: `cli` parses the command line and
-`commands` runs a stage, then its record.
+`commands` runs a stage, then its record; `warm` (the `mnist-pipeline` script) runs a stage
+command in a fork of a process that has its libraries loaded already.
 """
 
 __version__ = "0.1.0"

@@ -124,7 +124,8 @@ def delegate(argv: list[str]) -> int | None:
         print(f"mnist-pipeline: error: {err}", file=sys.stderr)
         return 2
     command = next((a for a in argv if not a.startswith("-")), None)
-    if idle is None or command not in COMMANDS or "--params" in argv or sys.platform != "linux":
+    linux = sys.platform == "linux" and hasattr(os, "pidfd_open")
+    if idle is None or command not in COMMANDS or "--params" in argv or not linux:
         return None  # --params: its value may be the command's name; rare, so run here
     folder = runtime_folder()
     if folder is None:
@@ -340,21 +341,30 @@ def _handle(conn: socket.socket) -> dict:
         os.close(fd)
     with contextlib.suppress(OSError):
         _send(conn, {"pid": pid})
-    status, client_gone = None, False
-    while status is None:
-        readable = select.select([conn], [], [], 0.05)[0]
-        if readable and not client_gone:
-            with contextlib.suppress(OSError):
-                client_gone = conn.recv(1) == b""
-            if client_gone:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        done, wait_status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = wait_status
+    _watch(conn, pid)
+    _, status = os.waitpid(pid, 0)
     with contextlib.suppress(OSError):
         _send(conn, {"status": status})
     os._exit(0)
+
+
+def _watch(conn: socket.socket, pid: int) -> None:
+    """Until process `pid` ends; SIGTERM to it if the client goes first (Ctrl-C'd, killed)."""
+    try:
+        ended = os.pidfd_open(pid)  # readable when the process ends
+    except OSError:  # a kernel before 5.3
+        return
+    watched = [ended, conn]
+    while ended not in select.select(watched, [], [])[0]:
+        try:
+            gone = conn.recv(1) == b""
+        except OSError:
+            gone = True
+        if gone:
+            watched.remove(conn)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    os.close(ended)
 
 
 def _become(request: dict, fds: list[int]) -> None:
