@@ -42,8 +42,13 @@ COMMANDS = frozenset({"train", "evaluate", "export", "report", "sync"})
 PRELOAD = (
     "torch",
     "torch._dynamo",  # torch.optim's methods import it on first call
-    # Not torch.export and what it brings (inductor, functorch, fx): mlflow.pytorch.log_model
-    # imports them, 1.2 s, but loaded before a training they slowed its epochs by about 5%.
+    "torch.export._trace",  # mlflow.pytorch.log_model: with inductor, sympy, networkx
+    "torch._export.passes.replace_autocast_with_hop_pass",
+    "torch._functorch.aot_autograd",
+    "torch._inductor.ir",
+    "torch.fx.experimental.proxy_tensor",
+    "sympy.combinatorics",
+    "sympy.tensor.tensor",
     "torch.onnx",
     "torchvision",
     "torchsummary",
