@@ -233,7 +233,9 @@ def _standard_fds() -> tuple[list[int], list[int]]:
     return fds, opened
 
 
-def _run_there(conn: socket.socket, argv: list[str]) -> int:
+def _run_there(conn: socket.socket, argv: list[str]) -> int | None:
+    """The command's exit code; None if the warm process went away before starting it (it was
+    leaving, unused): then nothing ran, and the caller runs it here."""
     umask = os.umask(0)
     os.umask(umask)
     request = {
@@ -243,25 +245,39 @@ def _run_there(conn: socket.socket, argv: list[str]) -> int:
         "path": sys.path,
         "umask": umask,
     }
+    pid, pending = None, []
+
+    def forward(signum, frame):  # Ctrl-C, SIGTERM, ...: to the process running the command
+        if pid is None:
+            pending.append(signum)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {signum: signal.signal(signum, forward) for signum in signals}
     fds, opened = _standard_fds()
-    _send(conn, request, fds)
-    for fd in opened:
-        os.close(fd)
-    started, _ = _receive(conn)
+    try:
+        _send(conn, request, fds)
+        started, _ = _receive(conn)
+    except OSError:
+        started = None
+    finally:
+        for fd in opened:
+            os.close(fd)
     if started is None:
-        print("mnist-pipeline: the warm process did not start the command", file=sys.stderr)
-        return 1
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        return 128 + pending[0] if pending else None
     pid = started["pid"]
+    for signum in pending:
+        os.kill(pid, signum)
     if os.environ.get("MNIST_PIPELINE_LOG", "").upper() == "DEBUG":
         print(f"mnist-pipeline: runs in process {pid}, a fork of the warm one", file=sys.stderr)
-
-    def forward(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, forward)
-    ended, _ = _receive(conn)
+    try:
+        ended, _ = _receive(conn)
+    except OSError:
+        ended = None
     if ended is None:
         print(f"mnist-pipeline: lost the warm process running it (pid {pid})", file=sys.stderr)
         return 1
