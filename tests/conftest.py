@@ -4,11 +4,15 @@ short epoch per variant. No test needs the network or the real data set."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +25,30 @@ from tests.helpers import gzip_file, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 # Every command a test starts runs in a process of its own: a warm process (mnist_pipeline.warm)
-# would outlive the test that started it. tests/test_warm.py turns it on, and ends it.
+# would outlive the test that started it. tests/test_warm.py turns it on, and ends it. A test
+# that builds an environment without MNIST_* variables sets it again.
 os.environ["MNIST_PIPELINE_WARM"] = "off"
+# One that starts anyway (an environment built without it) does so in this folder, where the
+# session's end finds it: ended by its PID, and reported.
+RUNTIME = Path(tempfile.mkdtemp(prefix="mp-tests-"))  # short: a socket's path holds 107 bytes
+os.environ["XDG_RUNTIME_DIR"] = str(RUNTIME)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_warm_process_outlives_the_tests():
+    yield
+    started = sorted(RUNTIME.glob("*/*.log"))
+    for log in started:  # it writes its pid once it has loaded
+        pid_file = log.with_suffix(".pid")
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    shutil.rmtree(RUNTIME, ignore_errors=True)
+    assert not started, f"a test started a warm process (no MNIST_PIPELINE_WARM=off): {started}"
+
+
 N_TRAIN, N_TEST = 600, 200
 
 

@@ -57,7 +57,8 @@ def missing(reason: str) -> NoReturn:
 def clean_env() -> dict[str, str]:
     """This process's environment without MLflow's, DVC's, the pipeline's or AWS's settings."""
     prefixes = ("MLFLOW_", "MNIST_", "DVC_", "AWS_", "PG")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return env | {"MNIST_PIPELINE_WARM": "off"}  # no warm process outlives a test (conftest.py)
 
 
 # --- processes -----------------------------------------------------------------------------------

@@ -137,6 +137,7 @@ def mlflow_env(root: Path, mirror: Mirror) -> dict[str, str]:
     """The environment `mlflow run` gets: this venv's commands first, a private tracking store,
     the tiny data's checksums; no MNIST_PIPELINE_ROOT, so the project is found from the cwd."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_"))}
+    env["MNIST_PIPELINE_WARM"] = "off"  # no warm process outlives a test (conftest.py)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     env["MNIST_CHECKSUMS_FILE"] = str(mirror.checksums)

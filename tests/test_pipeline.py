@@ -53,6 +53,7 @@ def pipeline(tmp_path_factory, tiny_mirror):
     repo = tmp_path_factory.mktemp("pipeline")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_", "DVC_"))}
     env |= GIT_IDENTITY | {
+        "MNIST_PIPELINE_WARM": "off",  # no warm process outlives a test (conftest.py)
         "MNIST_MIRROR": str(tiny_mirror.folder),
         "MNIST_CHECKSUMS_FILE": str(tiny_mirror.checksums),
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",

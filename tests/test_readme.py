@@ -31,6 +31,7 @@ def test_the_registry_snippet_works_from_src(tiny_data: Path):
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # a checkout, as a user's is
     (root / "src").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_"))}
+    env["MNIST_PIPELINE_WARM"] = "off"  # no warm process outlives a test (conftest.py)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
 
     snippet = bash_block_with('load_model("models:/mnist-mlp512_relu@champion")')
