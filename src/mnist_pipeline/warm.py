@@ -14,8 +14,8 @@ and a fork drops any module of this project before running the command line afre
 on the Python, its library folders (their modification times: an install changes them) and the
 environment, less the variables read per call (DVC_*, MNIST_*): a change to any starts
 another. It leaves after `MNIST_PIPELINE_WARM` seconds unused (default 600); `off` runs every
-command in a process of its own. Linux only (it forks a process holding torch's and ONNX
-Runtime's libraries, which Linux's fork keeps whole).
+command in a process of its own. Linux only (a fork without exec is unsafe with macOS's system
+libraries, and the fork's end is watched through a pidfd); elsewhere every command runs as before.
 """
 
 from __future__ import annotations
