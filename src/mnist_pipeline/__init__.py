@@ -13,7 +13,7 @@ records it. Nothing happens at import time. The modules, in the order the data f
 Below them: `config` (params.yaml, typed) and `params_file` (`tune --apply`'s edit of it),
 `paths`, `device`, `fileio`, `signals`, `errors`. Above them: `cli` parses the command line and
 `commands` runs a stage, then its record; `warm` (the `mnist-pipeline` script) runs a stage
-command in a fork of a process that has its libraries loaded already.
+command in a fork of `warm_process`, which has its libraries loaded already.
 """
 
 __version__ = "0.1.0"
